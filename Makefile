@@ -11,8 +11,8 @@ STAMP  := $(VENV)/.attnlab-installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first: the CPU wheel on local disk, so pip never pulls a CUDA build.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,models]'
+	$(PIP) install -qq torch==2.13.0
+	$(PIP) install -qq -e '.[dev,models]'
 	@touch $(STAMP)
 
 run: $(STAMP)
