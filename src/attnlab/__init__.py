@@ -36,6 +36,12 @@ def book_inputs():
     return torch.tensor(BOOK_INPUTS)
 
 
+# ``attnlab.explain(...)`` is the walkthrough function (a Walkthrough renders itself as the interactive
+# report in a notebook); ``from attnlab.explain import Walkthrough, ...`` still reaches the subpackage.
+# Imported last: the walkthrough reads BOOK_TOKENS and book_inputs above.
+from attnlab.explain import explain  # noqa: E402
+
+
 __all__ = [
     "BOOK_INPUTS",
     "BOOK_TOKENS",
@@ -47,6 +53,7 @@ __all__ = [
     "SelfAttentionV1",
     "SelfAttentionV2",
     "book_inputs",
+    "explain",
     "functional",
     "masks",
 ]

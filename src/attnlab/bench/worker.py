@@ -1,0 +1,240 @@
+"""What runs inside one benchmark process: build one variant, warm it up, time it, measure its memory.
+
+:mod:`attnlab.bench.runner` starts a fresh process for every variant (and one for the matmul rate), so
+that one variant's memory high-water mark, allocator state, compiled code or crash (an out-of-memory kill)
+never leaks into another's row. A worker reports through a pipe: ``("tick", None)`` after every call
+(for the progress bar), then one ``("result", dict)``.
+
+Timing: CPU, ``time.perf_counter`` around each call (the calls are synchronous); CUDA, a pair of CUDA
+events around each call and a synchronisation before reading them.
+
+Peak memory, the memory a call needs on top of what was resident before it (parameters, input, the
+process itself):
+  CPU   the process' resident-set high-water mark (``VmHWM`` in ``/proc/self/status``), reset just before
+        the timed calls by writing ``5`` to ``/proc/self/clear_refs``, minus the resident set (``VmRSS``)
+        at that moment. Freed heap memory is handed back to the system first (``malloc_trim``), so that
+        the timed calls' allocations show up as new resident pages. Without ``/proc`` (not Linux), the
+        lifetime ``ru_maxrss`` is used and the baseline is still subtracted (an over-estimate: it includes
+        the warm-up and, with ``--compile``, compilation).
+  CUDA  ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+        ``torch.cuda.memory_allocated()`` before the timed calls.
+
+Shape letters: B batch, T tokens, d width (d_in = d_out), N the matmul size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import resource
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.fx.experimental.symbolic_shapes  # imported once in the fork server, not by each
+import torch.nn.attention.flex_attention  # worker at its first call (seconds each)
+
+from attnlab.variants import VARIANTS, VariantUnavailableError
+
+__all__ = ["measure_matmul", "measure_variant"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _CpuPeak:
+    """Resident-set high-water mark of this process above a baseline (see the module docstring)."""
+
+    def start(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        self.exact = False
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # resets VmHWM to the current VmRSS
+            self.exact = _proc_status_kib("VmHWM") is not None
+        except OSError:
+            pass
+        rss = _proc_status_kib("VmRSS")
+        self.base_kib = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def peak_bytes(self) -> int:
+        hwm = _proc_status_kib("VmHWM") if self.exact else None
+        if hwm is None:
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return max(0, hwm - self.base_kib) * 1024
+
+
+class _CudaPeak:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> None:
+        gc.collect()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def _timed(fn, device: torch.device) -> float:
+    """Seconds one call of ``fn`` takes, synchronised on CUDA."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+
+
+def _setup(cfg: dict[str, Any]) -> torch.device:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    # FlexAttention warns that its eager path is unfused; the table says so in its note instead.
+    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+    torch.manual_seed(int(cfg.get("seed", 123)))
+    return torch.device(cfg["device"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points (run in a fresh process each)
+# --------------------------------------------------------------------------------------------------
+
+
+def measure_variant(cfg: dict[str, Any], name: str, conn) -> None:
+    """Build, warm up and time variant ``name`` under ``cfg``; send the result dict on ``conn``."""
+    try:
+        result = _measure_variant(cfg, name, conn)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a row, the run goes on
+        status = "out of memory" if _is_oom(exc) else "error"
+        result = {"status": status, "note": _first_line(exc)}
+    conn.send(("result", result))
+    conn.close()
+
+
+def _measure_variant(cfg: dict[str, Any], name: str, conn) -> dict[str, Any]:
+    device = _setup(cfg)
+    dtype = DTYPES[cfg["dtype"]]
+    b, t, d, h = cfg["batch"], cfg["tokens"], cfg["width"], cfg["heads"]
+    backward = cfg["mode"] == "fwd+bwd"
+    try:
+        model = VARIANTS[name](d, d, t, 0.0, h).to(device=device, dtype=dtype)
+    except VariantUnavailableError as exc:
+        return {"status": "unavailable", "note": str(exc)}
+    model.train(backward)  # fwd: inference (eval mode, no autograd); fwd+bwd: training mode
+    x = torch.randn(b, t, d, device=device, dtype=dtype)  # (B, T, d)
+    grad_out = torch.randn(b, t, d, device=device, dtype=dtype)  # (B, T, d)
+    notes = []
+    if name == "flex" and not cfg["compile"]:
+        notes.append("eager FlexAttention: unfused")
+    runner = model
+    if cfg["compile"]:
+        runner = torch.compile(model)
+
+    if backward:
+        def step() -> None:
+            xx = x.detach().requires_grad_(True)  # (B, T, d)
+            runner(xx).backward(grad_out)
+            model.zero_grad(set_to_none=True)
+    else:
+        def step() -> None:
+            with torch.no_grad():
+                runner(x)
+
+    for i in range(cfg["warmup"]):
+        try:
+            step()
+        except VariantUnavailableError as exc:
+            return {"status": "unavailable", "note": str(exc)}
+        except Exception as exc:
+            if cfg["compile"] and i == 0 and not _is_oom(exc):
+                return {"status": "compile failed", "note": _first_line(exc)}
+            raise
+        conn.send(("tick", None))
+
+    peak = _CudaPeak(device) if device.type == "cuda" else _CpuPeak()
+    peak.start()
+    times = []
+    for _ in range(cfg["repeats"]):
+        try:
+            times.append(_timed(step, device))
+        except VariantUnavailableError as exc:  # no warm-up: the first call finds out
+            return {"status": "unavailable", "note": str(exc)}
+        conn.send(("tick", None))
+    return {"status": "ok", "times_s": times, "peak_mem_bytes": peak.peak_bytes(), "note": "; ".join(notes)}
+
+
+def measure_matmul(cfg: dict[str, Any], n: int, conn) -> None:
+    """This machine's matrix-multiply rate at ``cfg``'s dtype and device: median GFLOP/s of
+    (N × N) @ (N × N) over ``repeats`` calls after one warm-up; sends ``{"status", "times_s", "n"}``."""
+    try:
+        device = _setup(cfg)
+        dtype = DTYPES[cfg["dtype"]]
+        a = torch.randn(n, n, device=device, dtype=dtype)  # (N, N)
+        b = torch.randn(n, n, device=device, dtype=dtype)  # (N, N)
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times = [_timed(lambda: torch.mm(a, b), device) for _ in range(max(3, min(cfg["repeats"], 10)))]
+        result = {"status": "ok", "times_s": times, "n": n}
+    except BaseException as exc:  # noqa: BLE001
+        result = {"status": "error", "note": _first_line(exc), "n": n}
+    conn.send(("result", result))
+    conn.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("attnlab.bench.worker is run by attnlab.bench.runner")

