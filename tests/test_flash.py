@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-if importlib.util.find_spec("attnlab") is None:  # running from a checkout that is not installed
-    sys.path.insert(0, str(SRC))
 
 from attnlab.flash import count_tiles, flash_attention, tile_plan
 
@@ -429,7 +423,7 @@ def test_memory_forward_backward_is_linear(t, bound_mib):
     tiled kernel measures about 50 MiB (inputs, outputs, gradients and one tile at a time).  The
     run takes ~20 s on one thread of the 2-core test machine (more when it is busy).
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(t)], capture_output=True, text=True,
                           env=env, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr

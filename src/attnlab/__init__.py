@@ -39,8 +39,7 @@ def book_inputs():
 # ``attnlab.explain(...)`` is the walkthrough function (a Walkthrough renders itself as the interactive
 # report in a notebook); ``from attnlab.explain import Walkthrough, ...`` still reaches the subpackage.
 # Imported last: the walkthrough reads BOOK_TOKENS and book_inputs above.
-from attnlab.explain import explain  # noqa: E402
-
+from attnlab.explain import explain
 
 __all__ = [
     "BOOK_INPUTS",

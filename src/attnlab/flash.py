@@ -36,7 +36,7 @@ Speed
     computed in base 2 (``log2(e)`` is folded into the scale of ``q``) so every exponential is an
     ``exp2``, which is cheaper than ``exp`` on CPUs; the saved statistic is ``lse2 = lse * log2(e)``.
     Temporaries are updated in place (``sub_``, ``exp2_``, ``baddbmm_``).  Default tiles are
-    256 x 256, the best of a sweep on a 2-core CPU (see ``benchmarks/RESULTS-flash.md``).  With
+    256 x 256, the best of a sweep on a 2-core CPU (see ``benchmarks/RESULTS.md``).  With
     several torch threads and dropout off, the N rows are split between worker threads that each
     run single-threaded ops (see :func:`_in_parallel`); this changes only which thread computes which rows.
 

@@ -53,7 +53,7 @@ class BenchConfig:
 
 DEFAULT = BenchConfig()
 # --quick: a small setting that runs in seconds on a laptop.
-QUICK = BenchConfig(batch=2, tokens=256, width=256, heads=4, repeats=5, warmup=1, matmul_n=1024)
+QUICK = BenchConfig(batch=2, tokens=256, width=256, heads=4, repeats=5, warmup=1)
 
 
 @dataclass
