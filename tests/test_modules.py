@@ -398,3 +398,16 @@ def test_forward_errors():
         m(torch.randn(1, 5, 3), attn_mask=torch.ones(4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"need_weights=True needs backend='eager' or 'auto', got 'torch'"):
         MultiHeadAttention(3, 2, 6, 0.0, 2, backend="torch")(torch.randn(1, 5, 3), need_weights=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_backend_takes_a_padding_mask(causal):
+    torch.manual_seed(0)
+    ref = MultiHeadAttention(8, 8, 16, 0.0, 2, qkv_bias=True, causal=causal, backend="eager")
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    expected = ref(x, key_padding_mask=pad)
+    for backend in ("auto", "torch", "flash"):
+        m = MultiHeadAttention(8, 8, 16, 0.0, 2, qkv_bias=True, causal=causal, backend=backend)
+        m.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(m(x, key_padding_mask=pad), expected, atol=1e-5, rtol=1e-5)

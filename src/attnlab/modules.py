@@ -263,8 +263,10 @@ class MultiHeadAttention(nn.Module):
         return f"num_heads={self.num_heads}, causal={self.causal}, backend={self.backend!r}"
 
     def _allowed(self, b: int, t: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None):
-        """The combined mask (bool True = may attend, or float), or None; and whether the causal mask is
-        left to the backend (the fast path when it is the only mask)."""
+        """The mask handed to the backend (bool True = may attend, or float; None for none) and whether
+        the backend applies the causal mask itself. Padding alone stays a (B, 1, 1, T) mask and causality
+        a flag, which every backend (the flash kernel included) takes as they are; an ``attn_mask`` is
+        combined with the causal mask (the ``mask`` buffer) and the padding into one mask."""
         pad = None
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, Tensor):
@@ -279,19 +281,18 @@ class MultiHeadAttention(nn.Module):
                     f"got {tuple(key_padding_mask.shape)}"
                 )
             pad = padding_mask(key_padding_mask)  # (B, 1, 1, T)
-        if attn_mask is not None:
-            F.check_mask(attn_mask, t, t, name="attn_mask")
-            if attn_mask.dim() == 3:
-                attn_mask = attn_mask[:, None]  # (B, 1, T, T)
-            elif attn_mask.dim() > 4:
-                raise ValueError(f"attn_mask must have 2, 3 or 4 dimensions, got shape {tuple(attn_mask.shape)}")
-        if pad is None and attn_mask is None:
-            return None, self.causal
-        causal = self.mask[:t, :t] == 0 if self.causal else None  # (T, T)
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
+        if attn_mask is None:
+            return pad, self.causal
+        F.check_mask(attn_mask, t, t, name="attn_mask")
+        if attn_mask.dim() == 3:
+            attn_mask = attn_mask[:, None]  # (B, 1, T, T)
+        elif attn_mask.dim() > 4:
+            raise ValueError(f"attn_mask must have 2, 3 or 4 dimensions, got shape {tuple(attn_mask.shape)}")
+        causal = self.mask[:t, :t] == 0 if self.causal else None  # (T, T), from the buffer
+        if attn_mask.dtype != torch.bool:
             bool_part = and_masks(causal, pad)
             if bool_part is not None:
-                attn_mask = attn_mask.masked_fill(~bool_part, float("-inf"))  # (B, H|1, T, T)
+                attn_mask = attn_mask.masked_fill(~bool_part, float("-inf"))  # (B|1, H|1, T, T)
             return attn_mask, False
         return and_masks(causal, pad, attn_mask), False
 
