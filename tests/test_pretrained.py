@@ -204,6 +204,14 @@ def test_attention_maps_dataclass(encoder):
     assert maps.truncated is False
 
 
+def test_attention_maps_render_as_the_report_in_a_notebook(encoder):
+    maps = encoder.attention("The cat sat.")
+    html = maps._repr_html_()
+    assert 'class="attnlab-report"' in html
+    for token in maps.tokens:
+        assert token in html
+
+
 def test_config_read_from_package(encoder):
     cfg = encoder.config
     assert isinstance(cfg, EncoderConfig) and isinstance(cfg.bert, BertConfig)

@@ -342,6 +342,12 @@ class AttentionMaps:
     def seq_len(self) -> int:
         return self.weights.shape[-1]
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the interactive report of every layer x head (:func:`attnlab.report.render_html`)."""
+        from attnlab.report.html import render_html
+
+        return render_html(self)
+
 
 @dataclass(frozen=True)
 class LayerSteps:
