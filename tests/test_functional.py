@@ -318,3 +318,13 @@ def test_errors_name_argument_expected_and_actual():
         F.dot_scores(torch.randn(3), torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"inputs must have 2 dimensions \(num_tokens, d\), got shape \(4,\)"):
         F.dot_scores_loop(torch.randn(4), torch.randn(4))
+
+
+def test_mask_leading_dimensions_must_fit_the_batch():
+    q = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"mask leading dimensions \(3,\) must broadcast to the batch/head dimensions \(2,\)"):
+        F.scaled_dot_product_attention(q, q, q, mask=torch.ones(3, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask leading dimensions \(4, 2\) must broadcast"):
+        F.scaled_dot_product_attention(q, q, q, mask=torch.ones(4, 2, 5, 5, dtype=torch.bool))
+    out = F.scaled_dot_product_attention(q, q, q, mask=torch.ones(1, 5, 5, dtype=torch.bool))
+    assert out.shape == (2, 5, 4)

@@ -411,3 +411,25 @@ def test_every_backend_takes_a_padding_mask(causal):
         m = MultiHeadAttention(8, 8, 16, 0.0, 2, qkv_bias=True, causal=causal, backend=backend)
         m.load_state_dict(ref.state_dict())
         torch.testing.assert_close(m(x, key_padding_mask=pad), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attn_mask_of_the_wrong_batch_or_heads_is_named():
+    m = MultiHeadAttention(4, 4, 8, 0.0, 2)
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match=r"attn_mask leading dimensions \(3, 1\) must broadcast to the batch/head dimensions \(2, 2\)"):
+        m(x, attn_mask=torch.ones(3, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask leading dimensions \(2, 3\) must broadcast"):
+        m(x, attn_mask=torch.ones(2, 3, 5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(T, T\), \(batch, T, T\) or \(batch, num_heads, T, T\)"):
+        m(x, attn_mask=torch.ones(1, 2, 2, 5, 5, dtype=torch.bool))
+    per_head = torch.ones(2, 2, 5, 5, dtype=torch.bool)
+    assert m(x, attn_mask=per_head).shape == (2, 5, 4)
+
+
+def test_input_dtype_must_match_the_parameters():
+    for m, x in ((MultiHeadAttention(4, 4, 8, 0.0, 2), torch.randn(1, 3, 4)),
+                 (SelfAttention_v1(4, 2), torch.randn(3, 4)),
+                 (SelfAttention_v2(4, 2), torch.randn(3, 4)),
+                 (CausalAttention(4, 2, 8, 0.0), torch.randn(1, 3, 4))):
+        with pytest.raises(TypeError, match=r"x has dtype torch.float16 but the module's parameters are torch.float32"):
+            m(x.half())

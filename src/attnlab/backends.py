@@ -47,7 +47,7 @@ def _torch_sdpa(
         if mask is None or mask.dtype == torch.bool:
             mask = and_masks(causal_allowed, mask)
         else:
-            mask = mask.masked_fill(~causal_allowed, float("-inf"))
+            mask = F.mask_before_softmax(mask, causal_allowed)  # (..., T_q, T_k)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0, is_causal=is_causal, scale=scale
     )  # (..., T_q, d_v)
@@ -95,7 +95,7 @@ def _has_empty_rows(mask: Tensor | None, causal: bool, t_q: int, t_k: int) -> bo
     if mask is None:
         return False
     if mask.dtype != torch.bool:
-        return bool(torch.isneginf(mask).all(dim=-1).any())
+        mask = ~torch.isneginf(mask)  # a float mask allows what it does not set to -inf
     if causal:
         mask = and_masks(causal_mask(t_q, t_k, device=mask.device), mask)
     return not bool(mask.any(dim=-1).all())

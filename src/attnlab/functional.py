@@ -248,8 +248,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         ) from None
 
 
-def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask") -> None:
-    """Validate that ``mask`` is a bool or float tensor broadcastable to (..., T_q, T_k)."""
+def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask", batch_shape: tuple[int, ...] | None = None) -> None:
+    """Validate that ``mask`` is a bool or float tensor broadcastable to (..., T_q, T_k), and, given the
+    leading (batch/head) shape of the scores, to ``batch_shape + (T_q, T_k)`` without enlarging it."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
@@ -260,6 +261,17 @@ def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask") -> None:
         raise ValueError(
             f"{name} must broadcast to (..., {t_q}, {t_k}) (num_queries, num_keys), got shape {tuple(mask.shape)}"
         )
+    if batch_shape is not None:
+        lead = tuple(mask.shape[:-2])
+        try:
+            fits = torch.broadcast_shapes(lead, tuple(batch_shape)) == tuple(batch_shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{name} leading dimensions {lead} must broadcast to the batch/head dimensions "
+                f"{tuple(batch_shape)} of the scores, got mask shape {tuple(mask.shape)}"
+            )
 
 
 def scaled_dot_product_attention(
@@ -295,7 +307,8 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     t_q, t_k = q.shape[-2], k.shape[-2]
     if mask is not None:
-        check_mask(mask, t_q, t_k)
+        batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        check_mask(mask, t_q, t_k, batch_shape=tuple(batch_shape))
     out_dtype = q.dtype
     work = compute_dtype(q.dtype)
     q, k, v = q.to(work), k.to(work), v.to(work)

@@ -60,11 +60,18 @@ def _check_heads(d_out: int, num_heads: int) -> None:
         )
 
 
-def _check_x(x: Tensor, d_in: int, ranks: tuple[int, ...], context_length: int | None = None) -> None:
+def _check_x(
+    x: Tensor, d_in: int, ranks: tuple[int, ...], context_length: int | None = None, *, dtype: torch.dtype
+) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype} (convert it with x.float())")
+    if x.dtype != dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but the module's parameters are {dtype}: convert one to the other, "
+            f"e.g. x.to({dtype}) or module.to({x.dtype})"
+        )
     layouts = {2: "(num_tokens, d_in)", 3: "(batch, num_tokens, d_in)"}
     if x.dim() not in ranks:
         want = " or ".join(f"{r} {layouts[r]}" for r in ranks)
@@ -99,7 +106,7 @@ class SelfAttention_v1(nn.Module):
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (2, 3))
+        _check_x(x, self.d_in, (2, 3), dtype=self.W_key.dtype)
         keys = x @ self.W_key  # (..., T, d_out)
         queries = x @ self.W_query  # (..., T, d_out)
         values = x @ self.W_value  # (..., T, d_out)
@@ -123,7 +130,7 @@ class SelfAttention_v2(nn.Module):
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (2, 3))
+        _check_x(x, self.d_in, (2, 3), dtype=self.W_key.weight.dtype)
         keys = self.W_key(x)  # (..., T, d_out)
         queries = self.W_query(x)  # (..., T, d_out)
         values = self.W_value(x)  # (..., T, d_out)
@@ -159,7 +166,7 @@ class CausalAttention(nn.Module):
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length)
+        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
         num_tokens = x.shape[1]
         keys = self.W_key(x)  # (B, T, d_out)
         queries = self.W_query(x)  # (B, T, d_out)
@@ -283,16 +290,19 @@ class MultiHeadAttention(nn.Module):
             pad = padding_mask(key_padding_mask)  # (B, 1, 1, T)
         if attn_mask is None:
             return pad, self.causal
-        F.check_mask(attn_mask, t, t, name="attn_mask")
-        if attn_mask.dim() == 3:
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
             attn_mask = attn_mask[:, None]  # (B, 1, T, T)
-        elif attn_mask.dim() > 4:
-            raise ValueError(f"attn_mask must have 2, 3 or 4 dimensions, got shape {tuple(attn_mask.shape)}")
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() > 4:
+            raise ValueError(
+                f"attn_mask must have shape (T, T), (batch, T, T) or (batch, num_heads, T, T), "
+                f"got {tuple(attn_mask.shape)}"
+            )
+        F.check_mask(attn_mask, t, t, name="attn_mask", batch_shape=(b, self.num_heads))
         causal = self.mask[:t, :t] == 0 if self.causal else None  # (T, T), from the buffer
         if attn_mask.dtype != torch.bool:
             bool_part = and_masks(causal, pad)
             if bool_part is not None:
-                attn_mask = attn_mask.masked_fill(~bool_part, float("-inf"))  # (B|1, H|1, T, T)
+                attn_mask = F.mask_before_softmax(attn_mask, bool_part)  # (B|1, H|1, T, T)
             return attn_mask, False
         return and_masks(causal, pad, attn_mask), False
 
@@ -304,7 +314,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        _check_x(x, self.d_in, (3,), self.context_length)
+        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
         b, num_tokens, _ = x.shape
         queries = self.W_query(x)  # (B, T, d_out)
         keys = self.W_key(x)  # (B, T, d_out)

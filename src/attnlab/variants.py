@@ -210,7 +210,7 @@ class _FusedQKV(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length)
+        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.qkv.weight.dtype)
         b, num_tokens, _ = x.shape
         qkv = self.qkv(x)  # (B, T, 3 * d_out)
         qkv = qkv.view(b, num_tokens, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
@@ -285,7 +285,7 @@ class EinsumMHA(nn.Module):
                 nn.init.uniform_(bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length)
+        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_query.dtype)
         num_tokens = x.shape[1]
         queries = torch.einsum("btd,de->bte", x, self.W_query)  # (B, T, d_out)
         keys = torch.einsum("btd,de->bte", x, self.W_key)  # (B, T, d_out)
@@ -385,7 +385,7 @@ class TorchMHA(nn.Module):
         self.register_buffer("mask", future, persistent=False)  # (T_max, T_max), True = masked (torch's)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length)
+        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.attn.out_proj.weight.dtype)
         num_tokens = x.shape[1]
         out, _ = self.attn(
             x, x, x, attn_mask=self.mask[:num_tokens, :num_tokens], need_weights=self.need_weights

@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line on stderr and exit code 2 (no usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"attnlab: error: {message} (see: attnlab {self.prog.split()[-1]} --help)\n")
+        sys.stderr.write(f"attnlab: error: {message} (see: {self.prog} --help)\n")
         raise SystemExit(2)
 
 
