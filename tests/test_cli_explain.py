@@ -38,6 +38,7 @@ def _files(tmp: Path) -> dict[str, str]:
         "bad.json": "{not json",
         "bad.csv": "1,2,3\n4,abc,6\n",
         "inf.csv": "1,2,3\n4,1e999,6\n",
+        "big.csv": "1,2\n1e39,4\n",
         "x.txt": "1,2,3\n",
         "garbage.npy": "this is not an npy file",
         "w_shape.json": json.dumps({"W_query": [[1, 0], [0, 1]], "W_key": [[1, 0], [0, 1]],
@@ -50,8 +51,9 @@ def _files(tmp: Path) -> dict[str, str]:
         out[name] = str(tmp / name)
     np.save(tmp / "x.npy", np.array([[0.2, 0.1, 0.5], [0.9, 0.1, 0.3], [0.4, 0.8, 0.2]]))
     np.save(tmp / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.save(tmp / "big.npy", np.array([[1.0, 2.0], [3.0, -1e39]]))  # float64: beyond float32
     (tmp / "adir.json").mkdir()
-    for name in ("x.npy", "objects.npy", "adir.json"):
+    for name in ("x.npy", "objects.npy", "big.npy", "adir.json"):
         out[name] = str(tmp / name)
     return out
 
@@ -86,13 +88,30 @@ def _bad(f: dict[str, str]) -> dict[str, tuple[list[str], str]]:
         "dropout": (["--dropout", "1.5"], "--dropout must be a number in [0, 1)"),
         "not_an_int": (["--heads", "two"], "invalid int value"),
         "precision": (["--precision", "-1"], "--precision must be in 0..10"),
+        # sizes are capped before anything is allocated
+        "huge_d_out": (["--d-out", "100000", "--section", "simple"],
+                       "--d-out must be at most 1024 for a step-by-step walkthrough, got 100000"),
+        "huge_dim": (["--tokens", "a b c", "--dim", "3000000", "--section", "simple"],
+                     "--dim must be at most 1024 for a step-by-step walkthrough, got 3000000"),
+        "huge_heads": (["--heads", "1000000"], "--heads must be at most 16 for a step-by-step walkthrough, got 1000000"),
+        "too_many_tokens": (["--tokens", " ".join(["w"] * 5000), "--section", "simple"],
+                            "--tokens must have at most 2048 tokens for a step-by-step walkthrough, got 5000"),
+        # numbers beyond float32: the user's number, no numpy overflow warning
+        "float32_inline": (two + ["--embeddings", "[[1e39,1],[2,3]]"],
+                           "--embeddings: row 1, column 1 is too large for float32 (at most ±3.402823e+38), got 1e+39"),
+        "float32_npy": (two + ["--embeddings", f["big.npy"]], "row 2, column 2 is too large for float32"),
+        "float32_csv": (two + ["--embeddings", f["big.csv"]], "row 2, column 1 is too large for float32"),
+        "float32_weights": (["--weights", json.dumps({"W_query": [[1], [1], [1]], "W_key": [[1], [1], [-1e39]],
+                                                      "W_value": [[1], [1], [1]]})],
+                            "--weights W_key: row 3, column 1 is too large for float32"),
     }
 
 
 # The issue's list of bad inputs, each through the real console script; the rest run in-process.
 SUBPROCESS_BAD = ("count_differs", "ragged", "non_numeric", "nan", "malformed_json", "malformed_csv",
                   "missing_file", "unreadable_file", "unknown_query", "heads", "empty_tokens", "weights_shape",
-                  "unknown_expect", "unknown_section")
+                  "unknown_expect", "unknown_section", "huge_d_out", "huge_dim", "huge_heads", "too_many_tokens",
+                  "float32_inline", "float32_npy", "float32_weights")
 
 
 def _cases(f: dict[str, str]):
@@ -105,6 +124,7 @@ def _cases(f: dict[str, str]):
                               "--expect", "simple.context=0.5074,0.4081,0.3053"],
         "cat_sat_fail": cat_sat + ["--section", "trainable", "--expect", "trainable.scores=4,5,1"],
         "json": cat_sat + ["--format", "json", "--expect", "trainable.scores=4,5,1"],
+        "long_simple": ["--tokens", " ".join(f"w{i}" for i in range(1500)), "--section", "simple"],
     }
     cases.update({f"bad_{name}": args for name, (args, _) in _bad(f).items() if name in SUBPROCESS_BAD})
     return cases
@@ -218,11 +238,19 @@ def test_json_format(runs):
     assert chk["inherits"] == ["trainable.weights", "trainable.context"]
 
 
+def test_one_section_of_a_long_text_is_small(runs):
+    out = runs["long_simple"]
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr == ""
+    assert "1. Simplified self-attention" in out.stdout and "2. Attention weights for all tokens" not in out.stdout
+    assert len(out.stdout) < 50_000  # only section 1's vectors, shortened: no 1500 x 1500 matrices
+
+
 @pytest.mark.parametrize("name", SUBPROCESS_BAD)
 def test_bad_input_through_the_console_script(runs, files, name):
     out = runs[f"bad_{name}"]
     assert out.returncode == 2, (out.returncode, out.stdout[-500:], out.stderr)
-    assert "Traceback" not in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout and "Warning" not in out.stderr
     lines = out.stderr.splitlines()
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("attnlab")
@@ -237,7 +265,7 @@ def test_bad_input_through_the_console_script(runs, files, name):
 
 @pytest.mark.parametrize("name", [
     "inf_csv", "malformed_json_file", "bad_npy", "pickled_npy", "wrong_suffix", "query_position",
-    "empty_embeddings", "weights_missing", "expect_count", "dropout", "not_an_int", "precision",
+    "empty_embeddings", "weights_missing", "expect_count", "dropout", "not_an_int", "precision", "float32_csv",
 ])
 def test_more_bad_input(capsys, monkeypatch, files, name):
     args, message = _bad(files)[name]

@@ -324,6 +324,81 @@ def test_sections_subset():
     close(walk.step("causal.weights_renormalized").values[1, :2], [0.5517, 0.4483])
 
 
+def test_only_the_selected_sections_are_built(monkeypatch):
+    from attnlab.explain import build
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a section that was not selected was built")
+
+    for name in ("_all", "_trainable", "_causal", "_multihead"):
+        monkeypatch.setattr(build, name, must_not_run)
+    tokens = " ".join(f"w{i}" for i in range(1500))
+    walk = explain(tokens, sections="simple")
+    assert walk.sections == ["input", "simple"]
+    assert {s.section for s in walk.steps} == {"input", "simple"}
+    assert walk.step("simple.scores").shape == (1500,)
+    assert len(walk.step("simple.scores").detail) >= 12  # the detail lines of the section still come
+
+
+def test_each_section_alone_equals_the_full_walkthrough(book, cat_sat):
+    """No section depends on another one having run (seeds, weights, detail lines)."""
+    for full, kwargs in ((book, {}), (cat_sat, {"tokens": "The cat sat", "embeddings": CAT_SAT_X, "query": "The",
+                                                "weights": CAT_SAT_W, "scale": False})):
+        for sec in SECTIONS:
+            alone = explain(sections=[sec], **kwargs)
+            ids = [s.id for s in full.steps if s.section in ("input", sec)]
+            assert alone.step_ids == ids
+            for step_id in ids:
+                a, b = alone.step(step_id), full.step(step_id)
+                np.testing.assert_array_equal(a.values, b.values, err_msg=step_id)
+                assert a.detail == b.detail, step_id
+
+
+def test_no_runtime_self_check_of_loop_against_matrix(monkeypatch):
+    # the loop and the matrix product sum in different orders: in float32 they may differ in the last bits
+    # (as at --dim 3000000); the walkthrough must not raise over it (the core's tests cover loop = matrix)
+    from attnlab import functional
+
+    monkeypatch.setattr(functional, "dot_scores", lambda query, x: (x @ query) * (1 + 1e-3))
+    walk = explain("a b c", dim=1024, sections="simple")
+    assert walk.step("simple.scores").shape == (3,)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"d_out": 100_000}, "d_out must be at most 1024 for a step-by-step walkthrough, got 100000"),
+    ({"tokens": "a b", "dim": 3_000_000}, "dim must be at most 1024 for a step-by-step walkthrough, got 3000000"),
+    ({"heads": 64}, "heads must be at most 16 for a step-by-step walkthrough, got 64"),
+    ({"tokens": " ".join(["w"] * 3000)}, "tokens must have at most 2048 tokens for a step-by-step walkthrough, got 3000"),
+    ({"embeddings": np.zeros((2, 5000), dtype=np.float32)}, "embeddings must have at most 1024 columns"),
+    ({"weights": {k: np.zeros((3, 4096)) for k in ("W_query", "W_key", "W_value")}},
+     "weights must have at most 1024 columns"),
+])
+def test_sizes_are_capped_before_anything_is_allocated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        explain(**kwargs)
+
+
+@pytest.mark.parametrize("embeddings, got", [
+    ([[1e39, 1.0]], "got 1e+39"),
+    ([[1.0, -1e39]], "got -1e+39"),
+    ([[10**400, 1]], "(401 characters)"),
+    (np.array([[1e39, 1.0]]), "got 1e+39"),
+])
+def test_numbers_beyond_float32_are_refused_without_a_warning(embeddings, got):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="too large for float32") as info:
+            explain("a", embeddings)
+    assert got in str(info.value) and "\n" not in str(info.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"weights W_key: row 2, column 1 is too large for float32"):
+            explain(weights={"W_query": np.ones((3, 2)), "W_key": [[1, 1], [1e39, 1], [1, 1]],
+                             "W_value": np.ones((3, 2))})
+
+
 # --------------------------------------------------------------------------------------------------
 # Own input
 # --------------------------------------------------------------------------------------------------

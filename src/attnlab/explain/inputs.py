@@ -20,6 +20,8 @@ __all__ = ["WEIGHT_NAMES", "load_embeddings", "load_weights", "parse_tokens", "t
 
 WEIGHT_NAMES = ("W_query", "W_key", "W_value")
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger numbers become inf in float32
+
 
 def parse_tokens(text: str | Sequence[str], *, what: str = "--tokens") -> tuple[str, ...]:
     """Tokens from a whitespace-separated string (or a sequence of strings)."""
@@ -42,12 +44,28 @@ def unique_labels(tokens: Sequence[str]) -> tuple[str, ...]:
     return tuple(t if counts[t] == 1 else f"{t}({i + 1})" for i, t in enumerate(tokens))
 
 
+def _shown(value: Any) -> str:
+    """The user's number as they wrote it, shortened when it is very long (a 400-digit int)."""
+    text = str(value)  # str, not repr: np.float64(1e+39) shows as 1e+39
+    return text if len(text) <= 40 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
+
+
+def _too_large(what: str, where: str, value: Any) -> ValueError:
+    return ValueError(f"{what}: {where} is too large for float32 (at most ±{_FLOAT32_MAX:.7g}), "
+                      f"got {_shown(value)}")
+
+
 def _number(value: Any, what: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{what}: {where} must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int too large for a float
+        raise _too_large(what, where, value) from None
     if not math.isfinite(v):
         raise ValueError(f"{what}: {where} must be a finite number, got {value!r}")
+    if abs(v) > _FLOAT32_MAX:
+        raise _too_large(what, where, value)
     return v
 
 
@@ -65,6 +83,11 @@ def to_matrix(obj: Any, what: str) -> np.ndarray:
         if not np.isfinite(obj).all():
             r, c = np.argwhere(~np.isfinite(obj))[0]
             raise ValueError(f"{what}: row {r + 1}, column {c + 1} must be a finite number, got {obj[r, c]}")
+        if obj.dtype.kind == "f" and obj.dtype.itemsize > 4:  # ints are at most 2**64, far below the limit
+            big = np.abs(obj) > _FLOAT32_MAX
+            if big.any():
+                r, c = np.argwhere(big)[0]
+                raise _too_large(what, f"row {r + 1}, column {c + 1}", obj[r, c])
         return obj.astype(np.float32)
     if not isinstance(obj, (list, tuple)):
         raise TypeError(f"{what} must be a list of rows (e.g. [[0.2, 0.1], [0.9, 0.3]]), got {type(obj).__name__}")

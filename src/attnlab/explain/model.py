@@ -51,18 +51,17 @@ _SHORT = 8  # vectors wider than this are written [first 3, …, last] (n number
 
 
 def model_names() -> list[str]:
-    """The names ``--model`` accepts (case-insensitive)."""
-    from attnlab.pretrained import MODEL_NAMES
+    """The names ``--model`` accepts (case-insensitive): :func:`attnlab.pretrained.model_names`."""
+    from attnlab.pretrained import model_names as names
 
-    return ["minilm", *sorted({v for v in MODEL_NAMES.values()})]
+    return names()
 
 
 def _canonical(model: Any) -> str:
-    from attnlab.pretrained import MODEL_NAMES
+    """The canonical name; ValueError from :mod:`attnlab.pretrained`'s one check, naming ``model``."""
+    from attnlab.pretrained import _canonical_name
 
-    if not isinstance(model, str) or model.strip().lower() not in MODEL_NAMES:
-        raise ValueError(f"model must be one of {', '.join(model_names())} (case-insensitive), got {model!r}")
-    return MODEL_NAMES[model.strip().lower()]
+    return _canonical_name(model, "model")
 
 
 @functools.cache

