@@ -71,12 +71,13 @@ from typing import NamedTuple
 
 import torch
 
+from attnlab.functional import compute_dtype
+
 __all__ = ["FlashAttentionFunction", "Tile", "count_tiles", "flash_attention", "tile_plan"]
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOG2E = math.log2(math.e)
 _ACTIVE_COUNTERS: list[dict[str, int]] = []  # filled only inside ``count_tiles()``
@@ -421,7 +422,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         n = math.prod(lead)
         t_q, d = q.shape[-2], q.shape[-1]
         t_k, d_v = v.shape[-2], v.shape[-1]
-        cdtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
+        cdtype = compute_dtype(q.dtype)
         qc = q.reshape(n, t_q, d).to(cdtype).contiguous()  # (N, T_q, d)
         kc = k.reshape(n, t_k, d).to(cdtype).contiguous()  # (N, T_k, d)
         vc = v.reshape(n, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)

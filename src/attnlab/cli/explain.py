@@ -100,15 +100,29 @@ def _sections(values: list[str] | None) -> list[str] | None:
     return [name.strip() for value in values for name in value.split(",") if name.strip()] or [""]
 
 
-def _model_walkthrough(args: argparse.Namespace) -> Walkthrough:
-    """The walkthrough of one head of ``--model`` on ``--text``; the long-text warning as one stderr line."""
+def check_model_options(args: argparse.Namespace, toy_only: tuple[tuple[str, str, object], ...] = ()) -> None:
+    """With ``--model``: ``--text`` is required and the toy-input options (``_TOY_OPTIONS``, plus a
+    command's own ``toy_only`` as (dest, flag, default)) are refused, in one line."""
     if args.model is None or args.text is None:
         raise UsageError('--model and --text go together, e.g. --model minilm --text "The cat sat."')
-    toy = [flag for dest, flag, default in _TOY_OPTIONS
+    toy = [flag for dest, flag, default in (*_TOY_OPTIONS, *toy_only)
            if getattr(args, dest, default) != default and getattr(args, dest, default) != []]
     if toy:
         raise UsageError(f"--model takes its input from --text; {', '.join(toy)} "
                          f"{'applies' if len(toy) == 1 else 'apply'} to the toy example only")
+
+
+def report_warnings(args: argparse.Namespace, caught: list[warnings.WarningMessage]) -> None:
+    """Each recorded UserWarning (e.g. a text cut at the model's limit) as one stderr line."""
+    command = getattr(args, "command", None) or "explain"
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            sys.stderr.write(f"attnlab {command}: warning: {str(w.message).splitlines()[0]}\n")
+
+
+def _model_walkthrough(args: argparse.Namespace) -> Walkthrough:
+    """The walkthrough of one head of ``--model`` on ``--text``; the long-text warning as one stderr line."""
+    check_model_options(args)
     try:
         from attnlab.explain.model import explain_model
 
@@ -121,10 +135,7 @@ def _model_walkthrough(args: argparse.Namespace) -> Walkthrough:
         raise UsageError(f"--model needs the optional model packages{missing}: {INSTALL_HINT}") from None
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(_one_line(exc)) from None
-    command = getattr(args, "command", None) or "explain"
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            sys.stderr.write(f"attnlab {command}: warning: {str(w.message).splitlines()[0]}\n")
+    report_warnings(args, caught)
     return walk
 
 

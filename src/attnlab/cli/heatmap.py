@@ -25,26 +25,17 @@ def model_maps_from_args(args: argparse.Namespace, toy_only: tuple[tuple[str, st
     """:func:`attnlab.report.data.model_attention` of ``--model`` on ``--text``; UsageError (one line) for
     bad input or for a toy-input option given too (``attnlab explain``'s options, plus ``toy_only``).
     A text cut at the model's token limit: one ``attnlab COMMAND: warning: ...`` line on stderr."""
-    from attnlab.cli.explain import _TOY_OPTIONS
+    from attnlab.cli.explain import check_model_options, report_warnings
     from attnlab.report.data import model_attention
 
-    if args.model is None or args.text is None:
-        raise UsageError("--model and --text go together, e.g. --model minilm --text \"The cat sat.\"")
-    toy = [flag for dest, flag, default in (*_TOY_OPTIONS, *toy_only)
-           if getattr(args, dest, default) != default and getattr(args, dest, default) != []]
-    if toy:
-        raise UsageError(f"--model takes its input from --text; {', '.join(toy)} "
-                         f"{'applies' if len(toy) == 1 else 'apply'} to the toy example only")
+    check_model_options(args, toy_only)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             maps = model_attention(args.model, args.text)
     except ValueError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    command = getattr(args, "command", None) or "heatmap"
-    for w in caught:
-        if issubclass(w.category, UserWarning):
-            sys.stderr.write(f"attnlab {command}: warning: {str(w.message).splitlines()[0]}\n")
+    report_warnings(args, caught)
     return maps
 
 _SECTION_HELP = ("simplified: all tokens' weights, no trainable weights (3.3.2); trainable (3.4); "
