@@ -1,5 +1,5 @@
 # attnlab: `make run` sets up .venv and runs the walkthrough on the book's example;
-# `make test` sets up .venv and runs the whole suite.
+# `make test` sets up .venv, runs ruff and mypy (`make lint`), then the whole suite.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -25,11 +25,13 @@ chromium:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  { echo "error: the browser tests need /usr/bin/chromium: install Debian's 'chromium' package" >&2; exit 1; }; }
 
-test: $(STAMP) chromium
+# `make test` = lint (ruff, then mypy on the package) + the whole suite.
+test: lint chromium
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy src/attnlab
 
 bench: $(STAMP)
 	$(VENV)/bin/attnlab bench --quick

@@ -11,12 +11,21 @@ times that for forward+backward) are compared.
     python benchmarks/bench_flash.py --sweep           # forward for several block sizes
     python benchmarks/bench_flash.py --memory 32768    # peak extra RSS of fwd+bwd at 32k tokens
     python benchmarks/bench_flash.py --threads 1       # one thread (steadier on a busy machine)
+
+Block-sparse masks (issue 11): flash forward against torch.compile'd FlexAttention with the same block
+mask, and flash forward+backward against SDPA with the equivalent explicit bool mask (the only other exact
+CPU path with a backward; FlexAttention has none on CPU):
+
+    python benchmarks/bench_flash.py --tokens 8192 --window 512 --backward --flex
+    python benchmarks/bench_flash.py --tokens 8192 --documents 8 --backward --flex
+    python benchmarks/bench_flash.py --memory 32768 --window 512   # peak extra RSS with a window
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -67,19 +76,71 @@ def status_mib(field):
         return next(int(x.split()[1]) for x in f if x.startswith(field + ":")) / 1024
 torch.set_num_threads(1)  # memory does not depend on threads; one is far faster on a busy machine
 T = int(sys.argv[1])
+window = int(sys.argv[3]) or None
 q, k, v = (torch.randn(1, 1, T, 64).requires_grad_() for _ in range(3))
 go = torch.randn(1, 1, T, 64)
 w = [t[..., :2048, :].detach().requires_grad_() for t in (q, k, v)]
-flash_attention(*w, causal=True).backward(go[..., :2048, :])
+flash_attention(*w, causal=True, window=window).backward(go[..., :2048, :])
 del w
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 base = status_mib("VmRSS")
-t0 = time.perf_counter(); out = flash_attention(q, k, v, causal=True); t1 = time.perf_counter()
+t0 = time.perf_counter(); out = flash_attention(q, k, v, causal=True, window=window); t1 = time.perf_counter()
 out.backward(go); t2 = time.perf_counter()
-print(json.dumps({"T": T, "extra_peak_mib": status_mib("VmHWM") - base, "fwd_s": t1 - t0, "bwd_s": t2 - t1,
-                  "threads": torch.get_num_threads()}))
+print(json.dumps({"T": T, "window": window, "extra_peak_mib": status_mib("VmHWM") - base, "fwd_s": t1 - t0,
+                  "bwd_s": t2 - t1, "threads": torch.get_num_threads()}))
 """
+
+
+def masked_benchmark(args, q, k, v, go) -> None:
+    """--window / --documents: flash vs compiled FlexAttention (forward) and SDPA + explicit mask (fwd+bwd)."""
+    t = args.tokens
+    pos = torch.arange(t)
+    if args.window:
+        name = f"window {args.window}"
+        kwargs = {"window": args.window}
+        dense = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - args.window)  # (T, T)
+
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (ki > qi - args.window)
+    else:
+        name = f"{args.documents} documents of {t // args.documents}, causal inside"
+        docs = pos * args.documents // t  # (T,)
+        kwargs = {"document_ids": docs.unsqueeze(0), "causal": True}
+        dense = (pos[None] <= pos[:, None]) & (docs[None] == docs[:, None])  # (T, T)
+
+        def mask_mod(b, h, qi, ki):
+            return (ki <= qi) & (docs[qi] == docs[ki])
+
+    def flash(q, k, v):
+        return flash_attention(q, k, v, block_q=args.block_q, block_k=args.block_k, **kwargs)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+    print(f"mask: {name}; density {dense.float().mean().item():.3f} of the T x T matrix")
+    err = (flash(q, k, v) - sdpa(q, k, v)).abs().max().item()
+    print(f"max |flash - sdpa with the explicit mask| = {err:.2e}")
+    fwd = {"flash": lambda: flash(q, k, v), "sdpa+mask": lambda: sdpa(q, k, v)}
+    if args.flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(mask_mod, None, None, t, t, device="cpu")
+        flex = torch.compile(flex_attention)
+        t0 = time.perf_counter()
+        err = (flex(q, k, v, block_mask=block_mask) - sdpa(q, k, v)).abs().max().item()
+        print(f"compiled FlexAttention ready in {time.perf_counter() - t0:.0f} s; max |flex - sdpa| = {err:.2e}")
+        fwd["flex (compiled)"] = lambda: flex(q, k, v, block_mask=block_mask)
+    res = median_times(fwd, args.repeats, args.warmup)
+    print(f"forward (median of {args.repeats}):")
+    for label, sec in res.items():
+        print(f"  {label:16s} {sec * 1e3:9.1f} ms   flash is {sec / res['flash']:.2f}x faster")
+    if args.backward:
+        res = median_times({"flash": lambda: fwd_bwd(flash, q, k, v, go),
+                            "sdpa+mask": lambda: fwd_bwd(sdpa, q, k, v, go)}, args.repeats, 1)
+        print(f"forward+backward (median of {args.repeats}; FlexAttention has no backward on CPU):")
+        for label, sec in res.items():
+            print(f"  {label:16s} {sec * 1e3:9.1f} ms   flash is {sec / res['flash']:.2f}x faster")
 
 
 def main() -> None:
@@ -95,13 +156,16 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="forward time for several block sizes")
     ap.add_argument("--memory", type=int, metavar="T", help="peak extra RSS of causal fwd+bwd at T tokens")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: leave torch's default)")
+    ap.add_argument("--window", type=int, default=0, help="sliding window of W keys (vs SDPA with the mask)")
+    ap.add_argument("--documents", type=int, default=0, help="D packed documents of T/D tokens, causal inside")
+    ap.add_argument("--flex", action="store_true", help="with --window/--documents: also compiled FlexAttention")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     if args.memory:
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(args.memory), str(SRC)],
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(args.memory), str(SRC), str(args.window)],
                              capture_output=True, text=True, check=True)
         print("memory:", out.stdout.strip())
         return
@@ -111,7 +175,10 @@ def main() -> None:
     q, k, v, go = (torch.randn(b, h, t, d) for _ in range(4))
     fwd_flops = 4 * b * h * t * t * d / 2  # QK^T and PV, half the matrix (causal)
     peak = matmul_gflops()
-    print(f"shape B={b} H={h} T={t} d={d} float32 causal; matmul 2048^3: {peak:.1f} GFLOP/s")
+    print(f"shape B={b} H={h} T={t} d={d} float32; matmul 2048^3: {peak:.1f} GFLOP/s; load {os.getloadavg()}")
+    if args.window or args.documents:
+        masked_benchmark(args, q, k, v, go)
+        return
 
     def flash(q, k, v, bq=args.block_q, bk=args.block_k):
         return flash_attention(q, k, v, causal=True, block_q=bq, block_k=bk)

@@ -77,7 +77,7 @@ def _bad(f: dict[str, str]) -> dict[str, tuple[list[str], str]]:
         "wrong_suffix": (two + ["--embeddings", f["x.txt"]], "must end in .json, .csv, .npy"),
         "unknown_query": (CAT_RAN[:4] + ["--query", "dog"], "'dog' is not one of the tokens"),
         "query_position": (CAT_RAN[:4] + ["--query", "7"], "position must be in 1..3"),
-        "heads": (["--heads", "3"], "heads must divide d_out"),
+        "heads": (["--weights", f["w.json"], "--heads", "3"], "--heads must divide d_out"),
         "empty_tokens": (["--tokens", ""], "--tokens is empty"),
         "empty_embeddings": (["--embeddings", "[]"], "--embeddings is empty"),
         "weights_shape": (["--weights", f["w_shape.json"]], "W_query must have d_in = 3 rows"),

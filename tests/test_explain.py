@@ -458,7 +458,7 @@ def test_long_and_wide_inputs_render_shortened():
     ({"tokens": "a", "embeddings": [[1.0, float("nan")]]}, "finite"),
     ({"tokens": ""}, "empty"),
     ({"tokens": "a b", "query": "c"}, "not one of the tokens"),
-    ({"heads": 3}, "heads must divide d_out"),
+    ({"weights": CAT_SAT_W, "heads": 3}, "heads must divide d_out"),
     ({"weights": {"W_query": [[1, 0]], "W_key": [[1, 0]], "W_value": [[1, 0]]}}, "d_in = 3 rows"),
     ({"weights": {"W_query": [[1], [0], [1]]}}, "missing W_key, W_value"),
     ({"sections": ["simple", "nope"]}, "unknown section 'nope'"),

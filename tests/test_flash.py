@@ -220,7 +220,7 @@ def test_causal_skips_about_half_of_the_tiles():
     assert counts[False] == {"forward": 64, "backward": 64}  # 8 x 8 tiles
     assert counts[True] == {"forward": 36, "backward": 36}  # 8 * 9 / 2: on or below the diagonal
     assert len(tile_plan(1024, 1024, causal=True, block_q=128, block_k=128)) == 36
-    masked = [t for t in tile_plan(1024, 1024, causal=True, block_q=128, block_k=128) if t.needs_causal_mask]
+    masked = [t for t in tile_plan(1024, 1024, causal=True, block_q=128, block_k=128) if t.needs_mask]
     assert len(masked) == 8  # only the diagonal tiles get an elementwise mask
 
 
@@ -236,7 +236,7 @@ def test_tile_plan_is_minimal_and_complete(t_q, t_k, block_q, block_k, causal):
     for tile in plan:
         sub = allowed[tile.q_start:tile.q_end, tile.k_start:tile.k_end]
         assert sub.any(), f"{tile} has no allowed entry: it should have been skipped"
-        assert tile.needs_causal_mask == bool((~sub).any())
+        assert tile.needs_mask == bool((~sub).any())
         covered[tile.q_start:tile.q_end, tile.k_start:tile.k_end] += 1
     assert covered.max() <= 1
     assert bool((covered[allowed] == 1).all()), "every allowed (query, key) pair lies in a computed tile"
@@ -347,7 +347,7 @@ VALIDATION_CASES = [
     (None, {"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\), got 1.0"),
     (None, {"dropout_p": -0.1}, ValueError, r"dropout_p must be in \[0, 1\), got -0.1"),
     (None, {"dropout_p": "0.1"}, TypeError, r"dropout_p must be a float in \[0, 1\), got str"),
-    (None, {"dropout_p": 0.1, "seed": 1.5}, TypeError, r"seed must be an int or None, got float"),
+    (None, {"dropout_p": 0.1, "seed": 1.5}, TypeError, r"seed must be an int, an int64 tensor or None, got float"),
     (None, {"block_q": 0}, ValueError, r"block_q must be a positive int, got 0"),
     (None, {"block_k": 16.0}, ValueError, r"block_k must be a positive int, got 16.0"),
     (None, {KPM: torch.zeros(2, 9)}, TypeError,
@@ -454,3 +454,329 @@ def test_batch_split_over_threads_matches_single_thread():
     ref = reference(q, k, v, go, causal=True, key_padding_mask=kpm)
     for got, want in zip(split, ref[:4]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-sparse masks: sliding window, packed documents, grouped-query heads (issue 11 / issue 10)
+# --------------------------------------------------------------------------------------------------
+
+
+def explicit_allowed(t_q, t_k, *, b, h, causal=False, window=None, docs=None, kpm=None):
+    """The mask written the plain way, as a bool (B, H, T_q, T_k) matrix (True = may attend)."""
+    i = torch.arange(t_q).unsqueeze(1) + (t_k - t_q)  # (T_q, 1)   last key each query may see
+    j = torch.arange(t_k).unsqueeze(0)  # (1, T_k)
+    allowed = torch.ones(t_q, t_k, dtype=torch.bool)
+    if causal or window is not None:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= j > i - window
+    allowed = allowed.expand(b, h, t_q, t_k)
+    if docs is not None:  # (B, T)
+        allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
+    if kpm is not None:  # (B, T_k) True = padding
+        allowed = allowed & ~kpm[:, None, None, :]
+    return allowed
+
+
+def reference_masked(q, k, v, grad_out, allowed):
+    """float64 SDPA with the explicit mask, K/V repeated per query head; empty rows give zeros."""
+    g = q.shape[1] // k.shape[1]
+    has_key = allowed.any(-1)  # (B, H, T_q)
+    safe = allowed | ~has_key.unsqueeze(-1)
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=safe)
+    out = out * has_key.unsqueeze(-1)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out.double())
+    return out.detach(), dq, dk, dv
+
+
+def gqa_inputs(b, h, h_kv, t_q, t_k, d=8, d_v=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, t_q, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, h_kv, t_k, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h_kv, t_k, d_v, generator=g, dtype=torch.float64)
+    go = torch.randn(b, h, t_q, d_v, generator=g, dtype=torch.float64)
+    return q, k, v, go
+
+
+def random_documents(b, t, seed, max_len=40):
+    """(B, T) ids of packed documents of random lengths (some of length 1)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(b):
+        lengths = []
+        while sum(lengths) < t:
+            lengths.append(int(torch.randint(1, max_len, (1,), generator=g)) if torch.rand(1, generator=g) > 0.2 else 1)
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:t]
+        rows.append(ids)
+    return torch.stack(rows)  # (B, T)
+
+
+def assert_matches(got, want):
+    for a, w, tol in zip(got, want, (1e-10, 1e-9, 1e-9, 1e-9)):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, w, rtol=0, atol=tol)
+
+
+MASK_CASES = [
+    # (t_q, t_k, kwargs)
+    (1, 1, {"window": 1}),
+    (3, 3, {"window": 2}),
+    (97, 97, {"window": 16}),
+    (257, 257, {"window": 50}),
+    (257, 257, {"window": 1000}),  # window larger than the sequence: plain causal
+    (97, 257, {"window": 30}),  # fewer queries than keys: bottom-right aligned band
+    (257, 97, {"window": 40}),  # the first 160 queries see nothing
+    (97, 97, {"documents": True}),
+    (257, 257, {"documents": True, "causal": True}),
+    (257, 257, {"documents": True, "window": 20}),
+    (97, 97, {"documents": True, "causal": True, "padded": True}),
+    (257, 257, {"window": 64, "padded": True}),
+    (3, 3, {"documents": True, "causal": True}),
+    (1, 1, {"documents": True}),
+]
+
+
+@pytest.mark.parametrize("groups", ["mha", "gqa2", "mqa"])
+@pytest.mark.parametrize(("t_q", "t_k", "case"), MASK_CASES)
+def test_masks_match_float64_sdpa_with_the_explicit_mask(t_q, t_k, case, groups):
+    b, h = 2, 4
+    h_kv = {"mha": 4, "gqa2": 2, "mqa": 1}[groups]
+    q, k, v, go = gqa_inputs(b, h, h_kv, t_q, t_k, seed=t_q + t_k)
+    kwargs = {key: val for key, val in case.items() if key in ("window", "causal")}
+    docs = random_documents(b, t_q, seed=t_q) if case.get("documents") else None
+    kpm = None
+    if case.get("padded"):
+        kpm = torch.rand(b, t_k, generator=torch.Generator().manual_seed(5)) < 0.3
+        kpm[1, : t_k // 2] = True
+    allowed = explicit_allowed(t_q, t_k, b=b, h=h, docs=docs, kpm=kpm, **kwargs)
+    want = reference_masked(q, k, v, go, allowed)
+    got = run_flash(q, k, v, go, document_ids=docs, key_padding_mask=kpm, block_q=16, block_k=32, **kwargs)
+    assert got[0].shape == (b, h, t_q, 6) and got[2].shape == k.shape and got[3].shape == v.shape
+    assert_matches(got, want)
+    empty = ~allowed.any(-1)  # (B, H, T_q)
+    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    t=st.integers(1, 60), block_q=st.integers(1, 20), block_k=st.integers(1, 20),
+    window=st.one_of(st.none(), st.integers(1, 70)), documents=st.booleans(), causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_masks_any_blocks(t, block_q, block_k, window, documents, causal, seed):
+    q, k, v, go = gqa_inputs(2, 2, 1, t, t, d=4, d_v=3, seed=seed)
+    docs = random_documents(2, t, seed=seed, max_len=12) if documents else None
+    allowed = explicit_allowed(t, t, b=2, h=2, causal=causal, window=window, docs=docs)
+    got = run_flash(q, k, v, go, causal=causal, window=window, document_ids=docs, block_q=block_q, block_k=block_k)
+    assert_matches(got, reference_masked(q, k, v, go, allowed))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    t_q=st.integers(1, 50), t_k=st.integers(1, 50), block_q=st.integers(1, 16), block_k=st.integers(1, 16),
+    window=st.one_of(st.none(), st.integers(1, 60)), documents=st.booleans(), seed=st.integers(0, 999),
+)
+def test_tile_plan_with_window_and_documents_is_minimal_and_complete(t_q, t_k, block_q, block_k, window,
+                                                                     documents, seed):
+    docs = random_documents(1, t_q, seed=seed, max_len=10) if documents and t_q == t_k else None
+    allowed = explicit_allowed(t_q, t_k, b=1, h=1, causal=True, window=window, docs=docs)[0, 0]
+    covered = torch.zeros(t_q, t_k, dtype=torch.int64)
+    for tile in tile_plan(t_q, t_k, causal=True, window=window, document_ids=docs, block_q=block_q,
+                          block_k=block_k):
+        sub = allowed[tile.q_start:tile.q_end, tile.k_start:tile.k_end]
+        assert sub.any(), f"{tile} has no allowed entry: it should have been skipped"
+        if not tile.needs_mask:
+            assert sub.all(), f"{tile} is marked full but has masked entries"
+        if window is None and docs is None:
+            assert tile.needs_mask == bool((~sub).any())
+        covered[tile.q_start:tile.q_end, tile.k_start:tile.k_end] += 1
+    assert covered.max() <= 1
+    assert bool((covered[allowed] == 1).all()), "every allowed (query, key) pair lies in a computed tile"
+
+
+def test_window_and_documents_skip_tiles_in_forward_and_backward():
+    t, blocks = 1024, {"block_q": 64, "block_k": 64}
+    q, k, v, go = make_inputs((1, 2), t, t, d=8, d_v=8, dtype=torch.float32)
+    docs = torch.arange(t).div(128, rounding_mode="floor").unsqueeze(0)  # (1, T): 8 documents of 128
+    for kwargs, expected in (({"window": 128}, 1 + 2 + 14 * 3), ({"document_ids": docs, "causal": True}, 8 * 3)):
+        q_, k_, v_ = (x.clone().requires_grad_() for x in (q, k, v))
+        with count_tiles() as counts:
+            flash_attention(q_, k_, v_, **kwargs, **blocks).backward(go)
+        # window 128 = 2 blocks: each query block after the second meets 3 key blocks (136 causal);
+        # documents of 2 blocks: each document's causal triangle is 3 tiles
+        assert counts == {"forward": expected, "backward": expected}, kwargs
+    plan = tile_plan(t, t, window=128, **blocks)
+    assert sum(not tile.needs_mask for tile in plan) == 15  # the middle tile of each band row is full
+
+
+def test_grouped_query_heads_never_repeat_k_v():
+    """K/V of fewer heads are read as they are: their gradients come back with their own shape."""
+    q, k, v, go = gqa_inputs(2, 6, 2, 33, 33, seed=3)
+    ref = reference_masked(q, k, v, go, explicit_allowed(33, 33, b=2, h=6, causal=True))
+    got = run_flash(q, k, v, go, causal=True, block_q=8, block_k=8)
+    assert_matches(got, ref)
+    with pytest.raises(ValueError, match=r"k must have the leading dims of q, expected \(2, 6\) or a number"):
+        flash_attention(q, k[:, :1].expand(2, 4, 33, 8), v)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be the same for every head"):
+        flash_attention(q, k, v, key_padding_mask=torch.zeros(2, 6, 33, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 40), (1, 1, 1, 40), (2, 1, 1, 1), (1, 40), (2, 40), (2, 4, 40)])
+def test_padding_mask_broadcast_forms(shape):
+    q, k, v, go = gqa_inputs(2, 4, 4, 30, 40, seed=9)
+    kpm = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    full = kpm.reshape(kpm.shape[:-2] + (kpm.shape[-1],)) if len(shape) == 4 else kpm
+    full = (full.reshape(full.shape[0], 1, full.shape[-1]) if full.dim() == 2 else full).expand(2, 4, 40)
+    allowed = explicit_allowed(30, 40, b=2, h=4).clone() & ~full[:, :, None, :]
+    got = run_flash(q, k, v, go, key_padding_mask=kpm, block_q=16, block_k=16)
+    assert_matches(got, reference_masked(q, k, v, go, allowed))
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"window": 0}, ValueError, r"window must be None or an int >= 1 .* got 0"),
+    ({"window": True}, ValueError, r"window must be None or an int >= 1 .* got True"),
+    ({"document_ids": torch.zeros(2, 9)}, TypeError, r"document_ids must have an integer dtype, got torch.float32"),
+    ({"document_ids": torch.zeros(2, 7, dtype=torch.long)}, ValueError,
+     r"document_ids must have shape \(2, 9\) \(batch, tokens\) or \(9,\), got \(2, 7\)"),
+])
+def test_mask_validation_errors(kwargs, error, match):
+    q, k, v = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 5)
+    with pytest.raises(error, match=match):
+        flash_attention(q, k, v, **kwargs)
+    with pytest.raises(ValueError, match=r"document_ids need as many queries as keys .* T_q=8, T_k=9"):
+        flash_attention(q[:, :, :8], k, v, document_ids=torch.zeros(9, dtype=torch.long))
+
+
+def test_forward_with_lse_window_merges_to_the_whole():
+    """Two key halves through forward_with_lse(window=...) merge to flash_attention over all keys."""
+    from attnlab.flash import backward_with_lse, forward_with_lse
+
+    q, k, v, go = gqa_inputs(1, 2, 2, 40, 40, seed=2)
+    whole = flash_attention(q, k, v, window=12)
+    out, lse = forward_with_lse(q, k, v, window=12)
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-12)
+    ref = torch.logsumexp((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(
+        ~explicit_allowed(40, 40, b=1, h=2, window=12), -math.inf), dim=-1)
+    torch.testing.assert_close(lse, ref, rtol=0, atol=1e-12)
+    dq, dk, dv = backward_with_lse(go, q, k, v, out, lse, window=12)
+    want = reference_masked(q, k, v, go, explicit_allowed(40, 40, b=1, h=2, window=12))
+    assert_matches((out, dq, dk, dv), want)
+
+
+# --------------------------------------------------------------------------------------------------
+# Empty inputs, autocast, the operator under torch.compile / torch.export, fork (issue 9)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("t_q", "t_k"), [(5, 0), (0, 5), (0, 0)])
+def test_empty_inputs_give_zeros_and_zero_gradients(t_q, t_k):
+    q, k, v, go = make_inputs((2, 3), t_q, t_k, d=8, d_v=8, dtype=torch.float32)
+    for kwargs in ({}, {"causal": True}, {"window": 3}):
+        out, dq, dk, dv = run_flash(q, k, v, go, **kwargs)
+        want = F.scaled_dot_product_attention(q, k, v)  # torch's math kernel: zeros for no keys
+        assert out.shape == (2, 3, t_q, 8) and torch.equal(out, torch.zeros_like(out))
+        assert torch.equal(out, torch.nan_to_num(want))
+        for grad, x in ((dq, q), (dk, k), (dv, v)):
+            assert grad.shape == x.shape and torch.equal(grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kwargs", [{"causal": True}, {"window": 20}])
+def test_autocast(dtype, kwargs):
+    """Under torch.autocast the inputs are cast like torch's SDPA; error at most 2x torch's own in that dtype."""
+    q, k, v, go = gqa_inputs(2, 4, 2, 97, 97, d=32, d_v=32, seed=4)
+    allowed = explicit_allowed(97, 97, b=2, h=4, **kwargs)
+    ref = reference_masked(q, k, v, go, allowed)
+    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+    with torch.autocast("cpu", dtype=dtype):
+        out = flash_attention(qf, kf, vf, **kwargs)
+        torch_out = F.scaled_dot_product_attention(qf.to(dtype), kf.to(dtype).repeat_interleave(2, 1),
+                                                   vf.to(dtype).repeat_interleave(2, 1), attn_mask=allowed)
+    assert out.dtype == dtype
+    grads = torch.autograd.grad(out, (qf, kf, vf), go.to(dtype))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    err = (out.double() - ref[0]).abs().max()
+    torch_err = (torch_out.double() - ref[0]).abs().max()
+    assert err <= 2 * torch_err, (err, torch_err)
+    for g, r in zip(grads, ref[1:]):
+        torch.testing.assert_close(g.double(), r, rtol=0.05, atol=0.05)
+
+
+class _TwoLayers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.ModuleList(torch.nn.Linear(16, 3 * 16) for _ in range(2))
+
+    def forward(self, x, kpm):
+        b, t, _ = x.shape
+        for proj in self.proj:
+            q, k, v = proj(x).view(b, t, 3, 4, 4).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+            x = x + flash_attention(q, k[:, :2], v[:, :2], window=5, key_padding_mask=kpm,
+                                    block_q=8, block_k=8).transpose(1, 2).reshape(b, t, 16)
+        return x
+
+
+def test_compile_fullgraph_is_one_node_without_graph_breaks():
+    torch._dynamo.reset()
+    model = _TwoLayers()
+    x = torch.randn(2, 13, 16)
+    kpm = torch.zeros(2, 13, dtype=torch.bool)
+    kpm[1, :3] = True
+    explanation = torch._dynamo.explain(model)(x, kpm)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    targets = [str(node.target) for g in explanation.graphs for node in g.graph.nodes]
+    assert sum("attnlab.flash_attention" in t for t in targets) == 2, targets
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for t in (13, 21):
+        xt = torch.randn(2, t, 16, requires_grad=True)
+        kt = torch.zeros(2, t, dtype=torch.bool)
+        got = compiled(xt, kt)
+        want = model(xt, kt)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        ga, = torch.autograd.grad(got.sum(), xt)
+        gb, = torch.autograd.grad(want.sum(), xt)
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+    # dropout: the seed is drawn in the graph (a tensor), not by .item() or a torch.Generator
+    drop = torch._dynamo.explain(lambda q: flash_attention(q, q, q, dropout_p=0.5))(torch.randn(1, 1, 16, 4))
+    assert drop.graph_break_count == 0 and drop.graph_count == 1
+
+
+def test_export_with_a_dynamic_length():
+    torch._dynamo.reset()
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return flash_attention(q, k, v, causal=True, block_q=8, block_k=8)
+
+    t = torch.export.Dim("T", min=2, max=64)
+    args = tuple(torch.randn(1, 2, 10, 8) for _ in range(3))
+    program = torch.export.export(Attn(), args, dynamic_shapes=({2: t}, {2: t}, {2: t}))
+    for length in (3, 17, 64):
+        q, k, v = (torch.randn(1, 2, length, 8) for _ in range(3))
+        torch.testing.assert_close(program.module()(q, k, v), flash_attention(q, k, v, causal=True),
+                                   rtol=1e-6, atol=1e-6)
+
+
+_FORK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from attnlab.flash import flash_attention
+    torch.set_num_threads(2)
+    q = torch.randn(4, 2, 300, 16)
+    flash_attention(q, q, q, causal=True, block_q=64, block_k=64)  # the parent starts the worker pool
+    pid = os.fork()
+    if pid == 0:
+        out = flash_attention(q, q, q, causal=True, block_q=64, block_k=64)
+        os._exit(0 if torch.isfinite(out).all() else 3)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_does_not_hang():
+    proc = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -328,3 +328,45 @@ def test_mask_leading_dimensions_must_fit_the_batch():
         F.scaled_dot_product_attention(q, q, q, mask=torch.ones(4, 2, 5, 5, dtype=torch.bool))
     out = F.scaled_dot_product_attention(q, q, q, mask=torch.ones(1, 5, 5, dtype=torch.bool))
     assert out.shape == (2, 5, 4)
+
+
+def test_no_keys_gives_zeros_and_zero_grads_like_torch_math():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+    k, v = torch.randn(2, 3, 0, 8, requires_grad=True), torch.randn(2, 3, 0, 8, requires_grad=True)
+    out = F.scaled_dot_product_attention(q, k, v, causal=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    assert F.softmax(torch.randn(3, 0)).shape == (3, 0)
+
+
+def test_grouped_query_is_repeat_interleave_of_the_key_value_heads():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 4, 5), torch.randn(2, 3, 7, 5), torch.randn(2, 3, 7, 2)
+    assert F.kv_groups(q, k) == 2
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), expected)
+    torch.testing.assert_close(
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), expected, atol=1e-6, rtol=1e-5
+    )
+
+
+def test_broadcast_shape_agrees_with_torch():
+    for shapes in [((2, 3), (3,)), ((2, 1), (1, 4)), ((), (5,)), ((2, 3), (4, 3)), ((1,), (1, 1, 1))]:
+        try:
+            expected = tuple(torch.broadcast_shapes(*shapes))
+        except RuntimeError:
+            expected = None
+        assert F.broadcast_shape(*shapes) == expected
+
+
+def test_rank_is_checked_before_shapes_are_read():
+    with pytest.raises(ValueError, match=r"scores must have at least 1 dimension"):
+        F.softmax(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"weights must have at least 1 dimension .* and values at least 2"):
+        F.context_vectors(torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"q must have at least 2 dimensions"):
+        F.scaled_dot_product_attention(torch.ones(3), torch.ones(3, 2), torch.ones(3, 2))

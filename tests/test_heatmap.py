@@ -15,7 +15,7 @@ from attnlab.cli import main
 from attnlab.explain import explain
 from attnlab.explain.steps import fmt
 from attnlab.heatmap import check_output_path, heatmap_figure, save_figure, walkthrough_figure
-from attnlab.report.data import masked_cells, weights_step
+from attnlab.maps import masked_cells, weights_step
 
 TOKENS = ("Your", "journey", "starts", "with", "one", "step")
 
@@ -41,7 +41,13 @@ def _assert_picture(path: Path, min_size: int = 300) -> np.ndarray:
 
 
 def _cell_texts(fig) -> list[str]:
-    return [t.get_text() for ax in fig.axes for t in ax.texts]
+    return [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() != "panel-title"]
+
+
+def _panels(fig) -> list[str]:
+    """Panel titles: one axes per panel, or (many panels) one picture with a title text per panel."""
+    titles = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "panel-title"]
+    return titles or [ax.get_title() for ax in fig.axes if ax.images]
 
 
 def _assert_one_line(err: str, message: str, kind: str = "error") -> None:
@@ -266,14 +272,15 @@ def test_cli_is_headless_safe(tmp_path):
 def test_pretrained_model_layers_and_heads(tmp_path, capsys):
     """``attnlab heatmap --model minilm --text ...``: every layer x head, one layer, one head, or one map."""
     _needs_model()
-    from attnlab.heatmap import maps_figure
-    from attnlab.report.data import model_attention
+    import importlib
 
-    maps = model_attention("minilm", "The cat sat on the mat.")
+    from attnlab.heatmap import maps_figure
+
+    maps = importlib.import_module("attnlab.explain.model").attention_maps("The cat sat on the mat.")
     grid = maps_figure(maps)
-    assert len([ax for ax in grid.axes if ax.images]) == 72 and _cell_texts(grid) == []
-    assert len([ax for ax in maps_figure(maps, layer=2).axes if ax.images]) == 12
-    assert len([ax for ax in maps_figure(maps, head=3).axes if ax.images]) == 6
+    assert len(_panels(grid)) == 72 and _cell_texts(grid) == []
+    assert _panels(maps_figure(maps, layer=2)) == [f"head {h}" for h in range(1, 13)]
+    assert _panels(maps_figure(maps, head=3)) == [f"layer {i}" for i in range(1, 7)]
     one = maps_figure(maps, layer=6, head=12)
     expected = [f"{v:.4f}" for v in maps.weights[5, 11].reshape(-1).tolist()]
     assert _cell_texts(one) == expected  # the model's own numbers, nothing recomputed
@@ -300,7 +307,6 @@ _CAT = ["--model", "minilm", "--text", "The cat sat."]
         ([*_CAT, "--tokens", "a b"], "--model takes its input from --text; --tokens applies to the toy"),
         ([*_CAT, "--weights", "nonexist.json"], "--weights applies to the toy example only"),
         ([*_CAT, "--heads", "3", "--no-scale"], "--no-scale, --heads apply to the toy example only"),
-        ([*_CAT, "--query", "cat"], "--query applies to the toy example only"),
         ([*_CAT, "--section", "causal"], "--section applies to the toy example only"),
         ([*_CAT, "--step", "causal.weights"], "--step applies to the toy example only"),
         (["--text", "The cat sat.", "--tokens", "a b"], "--model and --text go together"),
@@ -324,6 +330,7 @@ def test_cli_model_long_text_warns_in_one_line(tmp_path, capsys, monkeypatch):
 
     drawn = []
     monkeypatch.setattr(attnlab.heatmap, "maps_figure", lambda maps, **kw: drawn.append(maps) or "fig")
+    # (the command draws through attnlab.heatmap's own names: the stubs are what it calls)
     monkeypatch.setattr(attnlab.heatmap, "save_figure", lambda fig, out, force=False: out)
     out = tmp_path / "long.png"
     assert main(["heatmap", "--model", "minilm", "--text", "word " * 300, "--out", str(out)]) == 0
@@ -333,3 +340,86 @@ def test_cli_model_long_text_warns_in_one_line(tmp_path, capsys, monkeypatch):
     assert stdout == f"wrote {out}\n"
     (maps,) = drawn
     assert maps.truncated and maps.seq_len == 256
+
+
+# --------------------------------------------------------------------------------------------------
+# Real sizes: 72 maps of 256 tokens stay a sane picture
+# --------------------------------------------------------------------------------------------------
+
+
+def _fake_maps(layers: int, heads: int, t: int):
+    from attnlab.pretrained import AttentionMaps
+
+    rng = np.random.default_rng(t)
+    scores = rng.normal(0, 2, (layers, heads, t, t))
+    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)  # (L, H, T, T), rows sum to 1
+    tokens = ["[CLS]", *[f"w{i}" for i in range(t - 2)], "[SEP]"]
+    return AttentionMaps(text=" ".join(tokens[1:-1]), tokens=tokens, token_ids=list(range(t)),
+                         weights=weights.astype(np.float32), truncated=True)
+
+
+def test_every_layer_and_head_of_256_tokens_is_capped_and_thinned():
+    """6 x 12 maps of 256 tokens (the old picture: 17,391 x 8,910 pixels, 192 s): at most MAX_PIXELS on
+    its longest side, no numbers in 4.7 million cells, tick labels thinned, the cells one image per panel."""
+    from attnlab.heatmap import MAX_PIXELS, maps_figure
+
+    fig = maps_figure(_fake_maps(6, 12, 256))
+    width, height = fig.get_size_inches() * fig.dpi
+    assert max(width, height) <= MAX_PIXELS + 1 and min(width, height) > 800
+    assert _panels(fig) == [f"L{i} H{h}" for i in range(1, 7) for h in range(1, 13)] and _cell_texts(fig) == []
+    (grid,) = [ax for ax in fig.axes if ax.images]  # every panel in one raster image (fast to draw)
+    assert grid.images[0].get_rasterized() and grid.images[0].get_array().shape[2] == 4
+    assert len(grid.get_yticks()) <= 6 * 16 and len(grid.get_xticks()) <= 12 * 16  # thinned labels
+    assert "text cut" in fig.texts[-1].get_text() or any("text cut" in t.get_text() for t in fig.texts)
+
+
+def test_one_long_map_png_and_svg(tmp_path):
+    """257 tokens, one map: under MAX_PIXELS; the SVG holds the cells as one raster image, not one path
+    per cell; the colours are the recorded weights on viridis from 0 to the largest."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    from attnlab.heatmap import MAX_PIXELS
+
+    rng = np.random.default_rng(257)
+    weights = rng.dirichlet(np.ones(257), size=257)  # (257, 257), float64 reference
+    fig = heatmap_figure(weights, [f"t{i}" for i in range(257)])
+    assert max(fig.get_size_inches() * fig.dpi) <= MAX_PIXELS + 1  # (saving a PNG: the benchmark's job)
+    assert _cell_texts(fig) == [] and len(fig.axes[0].get_xticks()) <= 96
+    drawn = fig.axes[0].images[0].get_array()  # (257, 257, 4): the colours put in the picture
+    expected = colormaps["viridis"](Normalize(0, weights.max())(weights))
+    assert drawn.shape == (257, 257, 4) and np.allclose(drawn, expected, atol=1 / 255)
+    svg = save_figure(heatmap_figure(weights[:97, :97]), tmp_path / "long.svg").read_text(encoding="utf-8")
+    assert svg.count("<image") == 2 and svg.count("<path") < 1000  # the cells and the colour bar
+
+
+def test_model_query_row_in_every_layer_and_head():
+    """``--query TOKEN`` with a model: that token's row of every layer x head as one picture."""
+    from attnlab.heatmap import maps_figure
+
+    maps = _fake_maps(2, 3, 11)
+    fig = maps_figure(maps, query="w4")
+    (ax,) = [a for a in fig.axes if a.images]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"L{i} H{h}" for i in (1, 2) for h in (1, 2, 3)]
+    rows = np.asarray(maps.weights)[:, :, 5, :].reshape(6, 11)  # w4 is token 5 ([CLS] first)
+    assert np.allclose(ax.images[0].get_array()[..., :3],
+                       heatmap_figure(rows).axes[0].images[0].get_array()[..., :3])
+    with pytest.raises(ValueError, match="nope"):
+        maps_figure(maps, query="nope")
+
+
+def test_cli_section_names_and_old_ones(tmp_path, capsys):
+    """explain's section names; ``simplified`` (the old default) still works, with a one-line note."""
+    assert main(["heatmap", "--section", "simple", "--out", str(tmp_path / "s.png")]) == 0
+    capsys.readouterr()
+    assert main(["heatmap", "--section", "simplified", "--out", str(tmp_path / "o.png")]) == 0
+    err = capsys.readouterr().err
+    assert err == "attnlab heatmap: note: section 'simplified' is now called 'simple' and 'all'\n"
+    assert main(["heatmap", "--section", "bogus", "--out", str(tmp_path / "x.png")]) == 2
+    _assert_one_line(capsys.readouterr().err, "unknown section 'bogus'; valid sections: simple, all")
+    fig = walkthrough_figure(explain(), "simple")  # the query's row: 1 x 6
+    assert _cell_texts(fig) == [fmt(v) for v in explain().step("simple.weights").values]
+    assert main(["heatmap", "--no-scale", "--step", "trainable.scaled_scores", "--out", str(tmp_path / "x.png")]) == 2
+    _assert_one_line(capsys.readouterr().err, "trainable.scaled_scores is not recorded")
+    legend = walkthrough_figure(explain(), step="causal.scores_masked").legends[0].get_texts()[0].get_text()
+    assert "−inf" in legend and "weight 0" not in legend

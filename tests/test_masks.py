@@ -59,3 +59,30 @@ def test_errors():
         causal_mask(-1)
     with pytest.raises(ValueError, match=r"window must be an int >= 1, got 0"):
         window_mask(3, window=0)
+
+
+def test_symbolic_and_traced_lengths():
+    """Lengths may be symbolic (torch.export / compile) or 0-d tensors (torch.jit.trace)."""
+    assert torch.equal(causal_mask(torch.tensor(3), torch.tensor(5)), causal_mask(3, 5))
+    with pytest.raises(TypeError, match=r"t_k must be a non-negative int, got float \(2.5\)"):
+        causal_mask(3, 2.5)  # type: ignore[arg-type]
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return causal_mask(x.shape[0], x.shape[0] + 2) & window_mask(x.shape[0], x.shape[0] + 2, window=2)
+
+    t = torch.export.Dim("T", max=16)
+    program = torch.export.export(M(), (torch.zeros(4),), dynamic_shapes=({0: t},))
+    for n in (2, 5, 16):
+        assert torch.equal(program.module()(torch.zeros(n)), window_mask(n, n + 2, window=2))
+
+
+@pytest.mark.parametrize("t_q,t_k", [(1, 1), (4, 4), (3, 7), (7, 3), (0, 3), (3, 0)])
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_window_mask_is_the_contract_definition(t_q, t_k, window):
+    offset = t_k - t_q
+    expected = torch.tensor(
+        [[i + offset - window < j <= i + offset for j in range(t_k)] for i in range(t_q)], dtype=torch.bool
+    ).reshape(t_q, t_k)
+    assert torch.equal(window_mask(t_q, t_k, window=window), expected)
+    assert torch.equal(causal_mask(t_q, t_k), torch.ones(t_q, t_k, dtype=torch.bool).tril(offset))

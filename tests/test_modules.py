@@ -433,3 +433,53 @@ def test_input_dtype_must_match_the_parameters():
                  (CausalAttention(4, 2, 8, 0.0), torch.randn(1, 3, 4))):
         with pytest.raises(TypeError, match=r"x has dtype torch.float16 but the module's parameters are torch.float32"):
             m(x.half())
+
+
+# -- what PyTorch's tools feed the chapter's classes: autocast, empty inputs ---------------------------
+
+
+def chapter_modules():
+    torch.manual_seed(0)
+    return [
+        (SelfAttention_v1(6, 4), None),
+        (SelfAttention_v2(6, 4), None),
+        (CausalAttention(6, 4, 8, 0.0), BookCausalAttention(6, 4, 8, 0.0)),
+        (MultiHeadAttentionWrapper(6, 4, 8, 0.0, 2), BookMultiHeadAttentionWrapper(6, 4, 8, 0.0, 2)),
+        *[(MultiHeadAttention(6, 4, 8, 0.0, 2, backend=b), BookMultiHeadAttention(6, 4, 8, 0.0, 2))
+          for b in ("eager", "torch", "flash", "auto")],
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chapter_classes_take_what_autocast_feeds(dtype):
+    """Under torch.autocast a float32 module takes float32 and low-precision x (as nn.Linear does) and
+    computes what the book's class computes under the same autocast, to that dtype's rounding."""
+    torch.manual_seed(1)
+    x = torch.rand(2, 5, 6)
+    for m, book in chapter_modules():
+        if book is not None:
+            book.load_state_dict(m.state_dict())
+        for x_in in (x, x.to(dtype)):
+            with torch.autocast("cpu", dtype=dtype):
+                out = m(x_in)
+                if book is not None:
+                    torch.testing.assert_close(out.float(), book(x_in).float(), atol=3e-2, rtol=3e-2)
+            assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 6), (0, 4, 6)])
+def test_empty_inputs_give_empty_outputs_and_zero_grads(shape):
+    """No tokens (or no sequences): an empty output of the right shape and zero gradients, as the book's
+    classes and PyTorch's math kernel give."""
+    for m, book in chapter_modules():
+        x = torch.randn(shape, requires_grad=True)
+        out = m(x)
+        assert out.shape[:-1] == shape[:-1] and out.numel() == 0
+        if book is not None:
+            assert out.shape == book(x).shape
+        out.sum().backward()
+        grads = [p.grad for p in m.parameters()]
+        assert all(g is None or not g.any() for g in grads)
+        assert x.grad is not None and x.grad.shape == x.shape
+    v1 = SelfAttention_v1(6, 4)
+    assert v1(torch.randn(0, 6)).shape == (0, 4)

@@ -5,6 +5,8 @@ same function), measure (``attnlab bench``) and see (heatmaps and an HTML report
 """
 
 from attnlab import functional, masks
+from attnlab.cache import KVCache, RollingKVCache
+from attnlab.latent import MultiHeadLatentAttention
 from attnlab.modules import (
     CausalAttention,
     MultiHeadAttention,
@@ -14,6 +16,7 @@ from attnlab.modules import (
     SelfAttentionV1,
     SelfAttentionV2,
 )
+from attnlab.rope import RotaryEmbedding
 
 __version__ = "0.1.0"
 
@@ -45,6 +48,10 @@ __all__ = [
     "BOOK_INPUTS",
     "BOOK_TOKENS",
     "CausalAttention",
+    "KVCache",
+    "MultiHeadLatentAttention",
+    "RollingKVCache",
+    "RotaryEmbedding",
     "MultiHeadAttention",
     "MultiHeadAttentionWrapper",
     "SelfAttention_v1",

@@ -13,39 +13,59 @@ output and one number per query row, the log-sum-exp ``lse = m + log(l)``, are k
 pass, so the extra memory is O(T) rather than O(T_q * T_k): no ``T_q x T_k`` matrix ever exists,
 only one ``block_q x block_k`` tile (per batch/head) at a time.
 
-The backward pass (a custom :class:`torch.autograd.Function`) recomputes each tile's probabilities
-from ``q``, ``k`` and the saved ``lse`` -- ``P = exp(q k^T * scale - lse)`` -- and then applies the
-FlashAttention-2 gradient formulas::
+The backward pass recomputes each tile's probabilities from ``q``, ``k`` and the saved ``lse`` --
+``P = exp(q k^T * scale - lse)`` -- and then applies the FlashAttention-2 gradient formulas::
 
     D  = rowsum(dO * O)              # (N, T_q)   one number per query row
     dP = dO V^T                      # per tile
     dS = P * (dP - D)                # softmax backward without the full row of P
     dQ += dS K * scale,   dK += dS^T Q * scale,   dV += P^T dO
 
-Masking
-    ``causal=True`` uses the *bottom-right* aligned causal mask (query ``i`` may see key ``j`` iff
-    ``j <= i + (T_k - T_q)``), like ``torch.nn.attention.bias.causal_lower_right``.  Tiles wholly
-    above the diagonal are skipped (never computed), only tiles crossing the diagonal get an
-    elementwise mask; see :func:`tile_plan` and :func:`count_tiles`.  ``key_padding_mask`` (True =
-    padding, as in :class:`torch.nn.MultiheadAttention`) removes keys.  A mask enters a tile as an
-    additive 0/-inf bias of the score matmul (``baddbmm``), so it costs no extra pass.  A query row
-    with no allowed key at all gets an output of zeros and zero gradients (never NaN).
+Masks: a description, not a matrix
+    Which (query, key) pairs may attend is described by a small :class:`TileMask` -- the parts
+    ``causal`` (bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + (T_k - T_q)``),
+    ``window`` (a sliding window, implies causal: ``i + (T_k - T_q) - window < j``), ``document_ids``
+    (packed sequences: a token sees only keys of its own document) and ``padding`` (True = that key
+    is padding).  The parts compose by AND, like FlexAttention's ``and_masks``; its
+    :meth:`TileMask.allowed` is the elementwise rule (a ``mask_mod``) and its tile classification
+    the block mask: every (query block, key block) tile is *skipped* (no allowed pair: never
+    computed, in forward and backward), *full* (every pair allowed: no elementwise mask at all) or
+    *partial* (the elementwise mask enters the score matmul as an additive 0/-inf bias, so it costs
+    no extra pass).  See :func:`tile_plan` and :func:`count_tiles`.  A query row with no allowed key
+    at all gets an output of zeros and zero gradients (never NaN).
+
+Grouped-query heads
+    k and v may have fewer heads than q (``H % H_kv == 0``; query head ``h`` uses key/value head
+    ``h // (H // H_kv)``, as ``repeat_interleave`` and torch's ``enable_gqa``).  K/V are never
+    repeated: the ``G = H / H_kv`` query heads that share a key/value head are stacked as the rows of
+    one tile (row ``t * G + g`` is position ``t`` of group member ``g``), so one key tile serves all
+    of them -- a larger, faster matmul -- and dK, dV sum over the group for free.
+
+An operator
+    :func:`flash_attention` checks its inputs (shape checks only, symbolic sizes welcome) and calls
+    the custom operator ``torch.ops.attnlab.flash_attention`` (``torch.library.custom_op`` with a
+    fake implementation and a registered autograd formula, whose backward is the operator
+    ``attnlab::flash_attention_backward``), so ``torch.compile(fullgraph=True)`` and ``torch.export``
+    see one node with known output shapes; every decision that depends on tensor values (which
+    tiles have padding or document boundaries, the dropout seed, the worker threads) is made inside
+    the operator, never in the traced code.  Under ``torch.autocast`` the inputs are cast to the
+    autocast dtype (as torch does for ``scaled_dot_product_attention``) and the kernel itself runs
+    with autocast off, in float32 for half-precision inputs.
 
 Speed
     All leading dims are processed together in every tile (one batched matmul over N).  Scores are
     computed in base 2 (``log2(e)`` is folded into the scale of ``q``) so every exponential is an
-    ``exp2``, which is cheaper than ``exp`` on CPUs; the saved statistic is ``lse2 = lse * log2(e)``.
-    Temporaries are updated in place (``sub_``, ``exp2_``, ``baddbmm_``).  Default tiles are
-    256 x 256, the best of a sweep on a 2-core CPU (see ``benchmarks/RESULTS.md``).  With
-    several torch threads and dropout off, the N rows are split between worker threads that each
-    run single-threaded ops (see :func:`_in_parallel`); this changes only which thread computes which rows.
+    ``exp2``; the statistic kept between the passes is ``lse2 = lse * log2(e)``.  Temporaries are
+    updated in place.  With several torch threads and dropout off, the N rows are split between
+    worker threads that each run single-threaded ops (see :func:`_in_parallel`); the pool is
+    recreated in a forked child (``os.register_at_fork``).
 
 Dropout
-    Implemented.  ``dropout_p > 0`` drops attention probabilities (after the softmax) with
-    probability ``dropout_p`` and scales the kept ones by ``1 / (1 - dropout_p)``.  The mask of every
-    tile is regenerated from a per-tile seed derived from ``seed`` and the tile's block indices, so
-    the forward and backward passes use the same mask without storing it, and the same ``seed``
-    (with the same shapes and block sizes) gives bit-identical results.  ``seed=None`` draws a seed
+    ``dropout_p > 0`` drops attention probabilities (after the softmax) with probability
+    ``dropout_p`` and scales the kept ones by ``1 / (1 - dropout_p)``.  The mask of every tile is
+    regenerated from a per-tile seed derived from ``seed`` and the tile's block indices, so the
+    forward and backward passes use the same mask without storing it, and the same ``seed`` (with
+    the same shapes and block sizes) gives bit-identical results.  ``seed=None`` draws a seed tensor
     from torch's global generator (so ``torch.manual_seed`` makes it reproducible too).
 
 Precision
@@ -53,18 +73,23 @@ Precision
     computed (matmuls and softmax statistics) in float32 and the result is cast back.
 
 Shape legend
-    N    -- all leading (batch, head, ...) dims flattened into one batch dim
+    B    -- batch (all leading dims before the head dim, flattened)
+    H    -- query heads, H_kv -- key/value heads, G = H // H_kv query heads per key/value head
+    N    -- B * H_kv rows of the kernel's batched matmuls
     T_q  -- number of queries,  T_k -- number of keys/values
+    R    -- T_q * G tile rows per kernel batch row (query positions times group members)
     d    -- query/key feature dim,  d_v -- value feature dim
-    bq   -- rows in the current query block (<= block_q)
-    bk   -- columns in the current key block (<= block_k)
+    bq   -- query positions in the current block (<= block_q); bq * G rows
+    bk   -- keys in the current key block (<= block_k)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -73,7 +98,8 @@ import torch
 
 from attnlab.functional import compute_dtype
 
-__all__ = ["FlashAttentionFunction", "Tile", "count_tiles", "flash_attention", "tile_plan"]
+__all__ = ["TileMask", "Tile", "count_tiles", "flash_attention", "forward_with_lse", "backward_with_lse",
+           "tile_plan"]
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
@@ -82,10 +108,67 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOG2E = math.log2(math.e)
 _ACTIVE_COUNTERS: list[dict[str, int]] = []  # filled only inside ``count_tiles()``
 
+SKIP, FULL, PARTIAL = 0, 1, 2  # the three kinds of tile
+
 
 # --------------------------------------------------------------------------------------------------
-# Tile planning: which (query block, key block) pairs have to be computed at all
+# The mask description and its tile classification
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TileMask:
+    """Which (query, key) pairs may attend, as parts that compose by AND (never a T x T tensor).
+
+    causal: query ``i`` sees key ``j`` only if ``j <= i + offset``;
+    window: None or w >= 1 (with causal): also ``j > i + offset - w``;
+    offset: ``T_k - T_q`` (the bottom-right alignment of the diagonal);
+    document_ids: None or int64 (N, T) -- query ``i`` sees key ``j`` only if their ids are equal;
+    padding: None or bool (N, T_k) -- True = the key is padding, seen by nobody in that row.
+    """
+
+    causal: bool = False
+    window: int | None = None
+    offset: int = 0
+    document_ids: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+
+    def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The elementwise rule (a FlexAttention ``mask_mod``): query positions ``rows`` (bq,), key
+        positions ``cols`` (bk,) -> bool (1 or N, bq, bk), True = may attend."""
+        ok = torch.ones(1, rows.numel(), cols.numel(), dtype=torch.bool, device=cols.device)  # (1, bq, bk)
+        last = rows.unsqueeze(1) + self.offset  # (bq, 1)   the last key each row may see
+        if self.causal:
+            ok = ok & (cols.unsqueeze(0) <= last)
+        if self.window is not None:
+            ok = ok & (cols.unsqueeze(0) > last - self.window)
+        if self.document_ids is not None:
+            ok = ok & (self.document_ids[:, rows].unsqueeze(2) == self.document_ids[:, cols].unsqueeze(1))
+        if self.padding is not None:
+            ok = ok & ~self.padding[:, cols].unsqueeze(1)  # (N, bq, bk)
+        return ok
+
+    def key_range(self, q_start: int, q_end: int, t_k: int) -> tuple[int, int]:
+        """``[lo, hi)``: the keys that the causal/window parts let some row of the block see."""
+        hi = min(t_k, q_end + self.offset) if self.causal else t_k
+        lo = max(0, q_start + self.offset - self.window + 1) if self.window is not None else 0
+        return lo, hi
+
+    def position_kind(self, q_start: int, q_end: int, k_start: int, k_end: int) -> int:
+        """FULL or PARTIAL for a tile inside :meth:`key_range` (positions only)."""
+        if self.causal and k_end - 1 > q_start + self.offset:
+            return PARTIAL  # the first row does not see the last key
+        if self.window is not None and k_start <= q_end - 1 + self.offset - self.window:
+            return PARTIAL  # the last row does not see the first key
+        return FULL
+
+    def rows(self, sl: slice) -> TileMask:
+        """The same mask restricted to the kernel rows ``sl`` (for the worker threads)."""
+        return dataclasses.replace(
+            self,
+            document_ids=None if self.document_ids is None else self.document_ids[sl],
+            padding=None if self.padding is None else self.padding[sl],
+        )
 
 
 class Tile(NamedTuple):
@@ -95,28 +178,59 @@ class Tile(NamedTuple):
     q_end: int
     k_start: int
     k_end: int
-    needs_causal_mask: bool  # True only for tiles crossing the causal diagonal
+    needs_mask: bool  # False for a full tile: every pair allowed, no elementwise mask
 
 
-def _query_blocks(
-    t_q: int, t_k: int, block_q: int, block_k: int, causal: bool
-) -> Iterator[tuple[int, int, list[tuple[int, int, bool]]]]:
-    """Yield ``(q_start, q_end, [(k_start, k_end, needs_causal_mask), ...])`` per query block.
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (N, T) cut into blocks, the last one completed with copies of the last column: (N, n_blocks, block)."""
+    t = x.shape[-1]
+    n_blocks = -(-t // block)
+    x = torch.cat([x, x[:, -1:].expand(x.shape[0], n_blocks * block - t)], dim=1)  # (N, n_blocks * block)
+    return x.reshape(x.shape[0], n_blocks, block)  # (N, n_blocks, block)
 
-    With ``causal`` the last key a query row ``i`` may see is ``i + (T_k - T_q)``; key blocks that
-    start after the last key visible to the block's *last* row are skipped entirely, and only blocks
-    that end after the last key visible to the block's *first* row need an elementwise mask.
+
+def _plan(mask: TileMask, t_q: int, t_k: int, block_q: int, block_k: int) -> list[tuple[int, int, list]]:
+    """``[(q_start, q_end, [(k_start, k_end, needs_mask), ...]), ...]``: the tiles to compute.
+
+    Key blocks lie on the ``block_k`` grid.  A tile is skipped when the positions (causal/window)
+    leave it no pair, when no row has a document in common with any of its keys, or when all its
+    keys are padding in every row; it needs the elementwise mask unless all three parts allow it whole.
     """
-    offset = t_k - t_q  # bottom-right alignment of the causal diagonal
-    for q_start in range(0, t_q, block_q):
+    doc_overlap = doc_full = None
+    if mask.document_ids is not None and t_q > 0 and t_k > 0:
+        q_blocks, k_blocks = _blocks(mask.document_ids, block_q), _blocks(mask.document_ids, block_k)
+        q_min, q_max = q_blocks.amin(-1), q_blocks.amax(-1)  # (N, nq)
+        k_min, k_max = k_blocks.amin(-1), k_blocks.amax(-1)  # (N, nk)
+        q_min, q_max, k_min, k_max = q_min[:, :, None], q_max[:, :, None], k_min[:, None], k_max[:, None]
+        overlap = (q_min <= k_max) & (k_min <= q_max)  # (N, nq, nk)  id ranges meet: some pair may match
+        single = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)  # (N, nq, nk)  one shared document
+        doc_overlap, doc_full = overlap.any(0).tolist(), single.all(0).tolist()
+    pad_any = pad_all = None
+    if mask.padding is not None and t_k > 0:
+        blocks = _blocks(mask.padding, block_k)  # (N, nk, block_k)
+        pad_all = blocks.all(-1).all(0).tolist()  # (nk,)   every key padding in every row
+        pad_any = blocks.any(-1).any(0).tolist()  # (nk,)
+
+    plan = []
+    for qi, q_start in enumerate(range(0, t_q, block_q)):
         q_end = min(q_start + block_q, t_q)
-        k_stop = min(t_k, q_end + offset) if causal else t_k  # keys >= k_stop are unseen by all rows
+        lo, hi = mask.key_range(q_start, q_end, t_k)
         key_blocks = []
-        for k_start in range(0, max(k_stop, 0), block_k):
+        for k_start in range((lo // block_k) * block_k, max(hi, 0), block_k):
+            kj = k_start // block_k
             k_end = min(k_start + block_k, t_k)
-            needs_mask = causal and (k_end - 1 > q_start + offset)
-            key_blocks.append((k_start, k_end, needs_mask))
-        yield q_start, q_end, key_blocks
+            full = mask.position_kind(q_start, q_end, k_start, k_end) == FULL
+            if doc_overlap is not None and doc_full is not None:
+                if not doc_overlap[qi][kj]:
+                    continue
+                full = full and doc_full[qi][kj]
+            if pad_all is not None and pad_any is not None:
+                if pad_all[kj]:
+                    continue
+                full = full and not pad_any[kj]
+            key_blocks.append((k_start, k_end, not full))
+        plan.append((q_start, q_end, key_blocks))
+    return plan
 
 
 def tile_plan(
@@ -124,17 +238,25 @@ def tile_plan(
     t_k: int,
     *,
     causal: bool = False,
+    window: int | None = None,
+    document_ids: torch.Tensor | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> list[Tile]:
     """List the tiles :func:`flash_attention` computes (forward and backward), in loop order.
 
     Non-causal attention computes all ``ceil(T_q/block_q) * ceil(T_k/block_k)`` tiles; causal
-    attention skips the tiles wholly above the diagonal, i.e. about half of them.
+    attention skips the tiles wholly above the diagonal (about half), a window of w keys leaves
+    about ``T/block * (w/block + 1)``, documents only the blocks on the diagonal of each document.
+    ``document_ids``: (T,) or (N, T) integer ids (T = T_q = T_k).
     """
+    docs = None
+    if document_ids is not None:
+        docs = document_ids.reshape(-1, document_ids.shape[-1]).long()  # (N, T)
+    mask = TileMask(causal=causal or window is not None, window=window, offset=t_k - t_q, document_ids=docs)
     return [
         Tile(q_start, q_end, k_start, k_end, needs_mask)
-        for q_start, q_end, key_blocks in _query_blocks(t_q, t_k, block_q, block_k, causal)
+        for q_start, q_end, key_blocks in _plan(mask, t_q, t_k, block_q, block_k)
         for k_start, k_end, needs_mask in key_blocks
     ]
 
@@ -163,45 +285,49 @@ def _count(kind: str, n: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Masks
+# Tile pieces: the mask bias, the scores, the dropout mask
 # --------------------------------------------------------------------------------------------------
 
 
-def _tile_bias(
-    q_start: int,
-    q_end: int,
-    k_start: int,
-    k_end: int,
-    needs_causal_mask: bool,
-    offset: int,
-    padding: torch.Tensor | None,
-    padded_block: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """Additive mask of one tile, 0 where allowed and -inf where not; None if nothing is masked.
+def _tile_bias(mask: TileMask, q_start: int, q_end: int, k_start: int, k_end: int, group: int,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask of one partial tile, 0 where allowed and -inf where not: (1 or N, bq * G, bk).
 
     The bias enters the score matmul itself (``baddbmm(bias, q, k^T)`` writes ``bias + q k^T``),
-    so masking costs no extra pass over the tile.  Returns (bq, bk), (N or 1, 1, bk) or (N, bq, bk).
+    so masking costs no extra pass over the tile.
     """
-    bias = None
-    if needs_causal_mask:
-        rows = torch.arange(q_start, q_end, device=device).unsqueeze(1)  # (bq, 1)
-        cols = torch.arange(k_start, k_end, device=device).unsqueeze(0)  # (1, bk)
-        future = cols > rows + offset  # (bq, bk)   key j comes after the last key query i may see
-        bias = torch.zeros(future.shape, dtype=dtype, device=device).masked_fill_(future, -math.inf)
-    if padded_block:
-        pad = padding[:, :, k_start:k_end]  # (N or 1, 1, bk)
-        pad_bias = torch.zeros(pad.shape, dtype=dtype, device=device).masked_fill_(pad, -math.inf)
-        bias = pad_bias if bias is None else bias + pad_bias  # (N, bq, bk) when both
-    return bias
+    rows = torch.arange(q_start, q_end, device=device)  # (bq,)
+    cols = torch.arange(k_start, k_end, device=device)  # (bk,)
+    blocked = ~mask.allowed(rows, cols)  # (1 or N, bq, bk)
+    if group > 1:
+        blocked = blocked.repeat_interleave(group, dim=1)  # (1 or N, bq * G, bk)   row t * G + g
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill_(blocked, -math.inf)
+
+
+class _Biases:
+    """The partial tiles' biases of one call.  With positions only (causal / window), a tile's bias depends
+    only on its shape and its distance from the diagonal, so the tiles along a diagonal share one."""
+
+    def __init__(self, mask: TileMask, group: int, dtype: torch.dtype, device: torch.device):
+        self.mask, self.group, self.dtype, self.device = mask, group, dtype, device
+        self.shared = mask.document_ids is None and mask.padding is None
+        self.cache: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def __call__(self, q_start: int, q_end: int, k_start: int, k_end: int) -> torch.Tensor:
+        if not self.shared:
+            return _tile_bias(self.mask, q_start, q_end, k_start, k_end, self.group, self.dtype, self.device)
+        key = (k_start - q_start, q_end - q_start, k_end - k_start)
+        if key not in self.cache:
+            self.cache[key] = _tile_bias(self.mask, q_start, q_end, k_start, k_end, self.group, self.dtype,
+                                         self.device)
+        return self.cache[key]
 
 
 def _scores(q_blk: torch.Tensor, k_t_blk: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Score tile ``bias + q_blk @ k_t_blk``: q_blk (N, bq, d), k_t_blk (N, d, bk) -> (N, bq, bk)."""
+    """Score tile ``bias + q_blk @ k_t_blk``: q_blk (N, rows, d), k_t_blk (N, d, bk) -> (N, rows, bk)."""
     if bias is None:
-        return torch.bmm(q_blk, k_t_blk)  # (N, bq, bk)
-    return torch.baddbmm(bias, q_blk, k_t_blk)  # (N, bq, bk)
+        return torch.bmm(q_blk, k_t_blk)  # (N, rows, bk)
+    return torch.baddbmm(bias, q_blk, k_t_blk)  # (N, rows, bk)
 
 
 def _mix_seed(seed: int, q_block: int, k_block: int) -> int:
@@ -214,173 +340,158 @@ def _mix_seed(seed: int, q_block: int, k_block: int) -> int:
 
 
 def _dropout_keep_scale(
-    seed: int, q_block: int, k_block: int, shape: tuple[int, int, int], p: float, dtype, device
+    seed: int, q_block: int, k_block: int, shape: tuple[int, ...], p: float, dtype, device
 ) -> torch.Tensor:
     """``keep / (1 - p)`` for one tile, regenerated identically in forward and backward."""
     gen = torch.Generator(device=device)
     gen.manual_seed(_mix_seed(seed, q_block, k_block))
-    keep = torch.rand(shape, generator=gen, device=device) >= p  # (N, bq, bk)
-    return keep.to(dtype).mul_(1.0 / (1.0 - p))  # (N, bq, bk)
+    keep = torch.rand(shape, generator=gen, device=device) >= p  # (N, rows, bk)
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))  # (N, rows, bk)
 
 
 # --------------------------------------------------------------------------------------------------
-# Forward and backward kernels on flattened (N, T, d) tensors
+# Forward and backward kernels on the kernel layout: q (N, R = T_q * G, d), k (N, T_k, d)
 # --------------------------------------------------------------------------------------------------
 
 
-def _flash_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    padding: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: int,
-    block_q: int,
-    block_k: int,
-    count: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class _Plan(NamedTuple):
+    """What the kernels need besides the tensors (the same for every worker thread)."""
+
+    tiles: list  # from _plan
+    group: int
+    scale: float
+    dropout_p: float
+    seed: int
+    block_q: int
+    block_k: int
+
+
+def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TileMask, plan: _Plan,
+                   count: bool = True, out: torch.Tensor | None = None,
+                   lse2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled online-softmax forward.
 
-    q: (N, T_q, d), k: (N, T_k, d), v: (N, T_k, d_v), all in the compute dtype;
-    padding: None or bool (N or 1, 1, T_k), True = ignore that key.
-    Returns ``out`` (N, T_q, d_v) and ``lse2`` (N, T_q), the row log-sum-exp in base 2 (see below);
-    ``lse2`` is -inf for rows with no allowed key.
+    q: (N, R, d), k: (N, T_k, d), v: (N, T_k, d_v), all in the compute dtype.
+    Returns ``out`` (N, R, d_v) and ``lse2`` (N, R), the row log-sum-exp in base 2, -inf for rows
+    with no allowed key (written into ``out`` / ``lse2`` when given: the worker threads fill their
+    rows of one shared result, no concatenation).
 
     Scores are kept in base-2 units, ``s2 = s * log2(e)``, so that every exponential is an ``exp2``
     (cheaper than ``exp`` on CPUs): ``exp(s - m) == exp2(s2 - m2)``.  The factor is folded into the
     scale of q, so it costs nothing per tile.
     """
-    n, t_q, _ = q.shape
-    t_k, d_v = v.shape[1], v.shape[2]
-    offset = t_k - t_q
-    q2 = q * (scale * _LOG2E)  # (N, T_q, d)   scale folded into q once, not into every tile
-    k_t = k.transpose(1, 2)  # (N, d, T_k)   a view; bmm reads it transposed
-    padded_blocks = _padded_key_blocks(padding, t_k, block_k)
+    n, r, _ = q.shape
+    d_v, g = v.shape[2], plan.group
+    q2 = q * (plan.scale * _LOG2E)  # (N, R, d)   scale folded into q once, not into every tile
+    k_t = k.transpose(1, 2).contiguous()  # (N, d, T_k)   one copy: bmm is faster on it than on a view
     lowest = torch.finfo(q.dtype).min
+    biases = _Biases(mask, g, q.dtype, q.device)
 
-    out = q.new_zeros(n, t_q, d_v)  # (N, T_q, d_v)
-    lse2 = q.new_full((n, t_q), -math.inf)  # (N, T_q)
-    for q_start, q_end, key_blocks in _query_blocks(t_q, t_k, block_q, block_k, causal):
-        if not key_blocks:
-            continue  # no key visible to any row of this block: output stays 0
-        q_blk = q2[:, q_start:q_end]  # (N, bq, d)
-        bq = q_end - q_start
-        m = q.new_full((n, bq), -math.inf)  # (N, bq)   running row max (base-2 units)
-        l = q.new_zeros(n, bq)  # (N, bq)   running row sum of exp2(s2 - m)
-        acc = q.new_zeros(n, bq, d_v)  # (N, bq, d_v)   running unnormalised output
+    out = q.new_empty(n, r, d_v) if out is None else out  # (N, R, d_v)
+    lse2 = q.new_empty(n, r) if lse2 is None else lse2  # (N, R)
+    for q_start, q_end, key_blocks in plan.tiles:
+        if not key_blocks:  # no key visible to any row of this block: output 0, lse -inf
+            out[:, q_start * g:q_end * g] = 0.0
+            lse2[:, q_start * g:q_end * g] = -math.inf
+            continue
+        q_blk = q2[:, q_start * g:q_end * g]  # (N, bq * G, d)
+        rows = q_blk.shape[1]
+        m = q.new_full((n, rows), -math.inf)  # (N, rows)   running row max (base-2 units)
+        l = q.new_zeros(n, rows)  # (N, rows)   running row sum of exp2(s2 - m)
+        acc = q.new_zeros(n, rows, d_v)  # (N, rows, d_v)   running unnormalised output
         for k_start, k_end, needs_mask in key_blocks:
             if count:
                 _count("forward", 1)
-            bias = _tile_bias(q_start, q_end, k_start, k_end, needs_mask, offset, padding,
-                              padded_blocks[k_start // block_k], q.dtype, q.device)
-            s = _scores(q_blk, k_t[:, :, k_start:k_end], bias)  # (N, bq, bk)
+            bias = biases(q_start, q_end, k_start, k_end) if needs_mask else None
+            s = _scores(q_blk, k_t[:, :, k_start:k_end], bias)  # (N, rows, bk)
             # New running max.  A row that has seen only masked keys would have m = -inf, and
             # -inf - (-inf) = NaN; clamping to the lowest finite number keeps exp2(-inf - m) = 0.
-            m_new = torch.maximum(m, s.amax(dim=-1)).clamp_(min=lowest)  # (N, bq)
-            alpha = (m - m_new).exp2_()  # (N, bq)   rescales the old statistics to the new max
-            p = s.sub_(m_new.unsqueeze(-1)).exp2_()  # (N, bq, bk)   unnormalised probabilities
+            m_new = torch.maximum(m, s.amax(dim=-1)).clamp_(min=lowest)  # (N, rows)
+            alpha = (m - m_new).exp2_()  # (N, rows)   rescales the old statistics to the new max
+            p = s.sub_(m_new.unsqueeze(-1)).exp2_()  # (N, rows, bk)   unnormalised probabilities
             l.mul_(alpha).add_(p.sum(dim=-1))
-            if dropout_p > 0.0:
-                p.mul_(_dropout_keep_scale(seed, q_start // block_q, k_start // block_k, p.shape,
-                                           dropout_p, p.dtype, p.device))
-            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, v[:, k_start:k_end])  # (N, bq, d_v)
+            if plan.dropout_p > 0.0:
+                p.mul_(_dropout_keep_scale(plan.seed, q_start // plan.block_q, k_start // plan.block_k,
+                                           tuple(p.shape), plan.dropout_p, p.dtype, p.device))
+            acc.mul_(alpha.unsqueeze(-1)).baddbmm_(p, v[:, k_start:k_end])  # (N, rows, d_v)
             m = m_new
         # Rows with no allowed key have l = 0 and acc = 0: divide by 1 so they stay 0 (not NaN);
         # their lse2 = m + log2(0) = -inf tells the backward pass that they have no probabilities.
-        out[:, q_start:q_end] = acc.div_(l.masked_fill(l == 0, 1.0).unsqueeze(-1))
-        lse2[:, q_start:q_end] = m + l.log2()
+        out[:, q_start * g:q_end * g] = acc.div_(l.masked_fill(l == 0, 1.0).unsqueeze(-1))
+        lse2[:, q_start * g:q_end * g] = m + l.log2()
     return out, lse2
 
 
-def _flash_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse2: torch.Tensor,
-    padding: torch.Tensor | None,
-    causal: bool,
-    scale: float,
-    dropout_p: float,
-    seed: int,
-    block_q: int,
-    block_k: int,
-    count: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse2: torch.Tensor, mask: TileMask, plan: _Plan,
+                    count: bool = True, grads: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2 backward; recomputes each tile's probabilities from q, k and ``lse2``.
 
-    grad_out, out: (N, T_q, d_v); q: (N, T_q, d); k: (N, T_k, d); v: (N, T_k, d_v); lse2: (N, T_q).
-    Returns dq (N, T_q, d), dk (N, T_k, d), dv (N, T_k, d_v).
+    grad_out, out: (N, R, d_v); q: (N, R, d); k: (N, T_k, d); v: (N, T_k, d_v); lse2: (N, R).
+    Returns dq (N, R, d), dk (N, T_k, d), dv (N, T_k, d_v) (written into ``grads`` when given).
     """
-    t_q, t_k = q.shape[1], k.shape[1]
-    offset = t_k - t_q
-    q2 = q * (scale * _LOG2E)  # (N, T_q, d)   base-2 scores, as in the forward pass
-    k_t = k.transpose(1, 2)  # (N, d, T_k)
-    v_t = v.transpose(1, 2)  # (N, d_v, T_k)
-    padded_blocks = _padded_key_blocks(padding, t_k, block_k)
+    g, scale = plan.group, plan.scale
+    q2 = q * (scale * _LOG2E)  # (N, R, d)   base-2 scores, as in the forward pass
+    q_scaled = q * scale  # (N, R, d)
+    k_t = k.transpose(1, 2).contiguous()  # (N, d, T_k)
+    v_t = v.transpose(1, 2).contiguous()  # (N, d_v, T_k)
     # Rows without any allowed key have lse2 = -inf; using +inf there makes P = exp2(s2 - inf) = 0
     # for every entry, masked (-inf) or not, so those rows contribute nothing to any gradient.
-    lse2_use = lse2.masked_fill(lse2 == -math.inf, math.inf)  # (N, T_q)
-    delta = (grad_out * out).sum(dim=-1)  # (N, T_q)   D = rowsum(dO * O)
+    biases = _Biases(mask, g, q.dtype, q.device)
+    lse2_use = lse2.masked_fill(lse2 == -math.inf, math.inf)  # (N, R)
+    delta = (grad_out * out).sum(dim=-1)  # (N, R)   D = rowsum(dO * O)
 
-    dq = torch.zeros_like(q)  # (N, T_q, d)
-    dk = torch.zeros_like(k)  # (N, T_k, d)
-    dv = torch.zeros_like(v)  # (N, T_k, d_v)
-    for q_start, q_end, key_blocks in _query_blocks(t_q, t_k, block_q, block_k, causal):
-        q_blk = q2[:, q_start:q_end]  # (N, bq, d)
-        q_scaled = q[:, q_start:q_end] * scale  # (N, bq, d)
-        do_blk = grad_out[:, q_start:q_end]  # (N, bq, d_v)
-        lse_blk = lse2_use[:, q_start:q_end].unsqueeze(-1)  # (N, bq, 1)
-        delta_blk = delta[:, q_start:q_end].unsqueeze(-1)  # (N, bq, 1)
-        dq_blk = dq[:, q_start:q_end]  # (N, bq, d)   a view: accumulate in place
+    if grads is None:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)  # (N, R, d), (N, T_k, d), ..
+    else:
+        dq, dk, dv = (g.zero_() for g in grads)
+    for q_start, q_end, key_blocks in plan.tiles:
+        rs = slice(q_start * g, q_end * g)
+        q_blk, qs_blk, do_blk = q2[:, rs], q_scaled[:, rs], grad_out[:, rs]  # (N, rows, d), .., (N, rows, d_v)
+        lse_blk = lse2_use[:, rs].unsqueeze(-1)  # (N, rows, 1)
+        delta_blk = delta[:, rs].unsqueeze(-1)  # (N, rows, 1)
+        dq_blk = dq[:, rs]  # (N, rows, d)   a view: accumulate in place
         for k_start, k_end, needs_mask in key_blocks:
             if count:
                 _count("backward", 1)
-            bias = _tile_bias(q_start, q_end, k_start, k_end, needs_mask, offset, padding,
-                              padded_blocks[k_start // block_k], q.dtype, q.device)
-            s = _scores(q_blk, k_t[:, :, k_start:k_end], bias)  # (N, bq, bk)
-            p = s.sub_(lse_blk).exp2_()  # (N, bq, bk)   the forward's normalised probabilities
-            dp = torch.bmm(do_blk, v_t[:, :, k_start:k_end])  # (N, bq, bk)   dP = dO V^T
-            if dropout_p > 0.0:
-                keep_scale = _dropout_keep_scale(seed, q_start // block_q, k_start // block_k,
-                                                 p.shape, dropout_p, p.dtype, p.device)  # (N, bq, bk)
+            bias = biases(q_start, q_end, k_start, k_end) if needs_mask else None
+            s = _scores(q_blk, k_t[:, :, k_start:k_end], bias)  # (N, rows, bk)
+            p = s.sub_(lse_blk).exp2_()  # (N, rows, bk)   the forward's normalised probabilities
+            dp = torch.bmm(do_blk, v_t[:, :, k_start:k_end])  # (N, rows, bk)   dP = dO V^T
+            if plan.dropout_p > 0.0:
+                keep_scale = _dropout_keep_scale(plan.seed, q_start // plan.block_q, k_start // plan.block_k,
+                                                 tuple(p.shape), plan.dropout_p, p.dtype, p.device)
                 dv[:, k_start:k_end].baddbmm_((p * keep_scale).transpose(1, 2), do_blk)  # (N, bk, d_v)
                 dp.mul_(keep_scale)  # gradient w.r.t. the probabilities before dropout
             else:
                 dv[:, k_start:k_end].baddbmm_(p.transpose(1, 2), do_blk)  # (N, bk, d_v)
-            ds = dp.sub_(delta_blk).mul_(p)  # (N, bq, bk)   dS = P * (dP - D)
-            dq_blk.baddbmm_(ds, k[:, k_start:k_end])  # (N, bq, d)   scaled once at the end
-            dk[:, k_start:k_end].baddbmm_(ds.transpose(1, 2), q_scaled)  # (N, bk, d)
+            ds = dp.sub_(delta_blk).mul_(p)  # (N, rows, bk)   dS = P * (dP - D)
+            dq_blk.baddbmm_(ds, k[:, k_start:k_end])  # (N, rows, d)   scaled once at the end
+            dk[:, k_start:k_end].baddbmm_(ds.transpose(1, 2), qs_blk)  # (N, bk, d)
     dq.mul_(scale)
     return dq, dk, dv
 
 
-def _padded_key_blocks(padding: torch.Tensor | None, t_k: int, block_k: int) -> list[bool]:
-    """For each key block: does it contain any padded key (so its tiles need the padding mask)?"""
-    n_blocks = -(-t_k // block_k)
-    if padding is None:
-        return [False] * n_blocks
-    return [bool(padding[..., i * block_k:(i + 1) * block_k].any()) for i in range(n_blocks)]
-
-
 # --------------------------------------------------------------------------------------------------
-# Autograd wrapper and public entry point
+# Worker threads
 # --------------------------------------------------------------------------------------------------
 
 
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _rows(padding: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
-    """The rows ``sl`` of a (N, 1, T_k) padding mask."""
-    return None if padding is None else padding[sl]
+def _forget_pool() -> None:
+    """In a forked child the parent's worker threads do not exist: start a new pool when needed."""
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _in_parallel(n: int, dropout_p: float, fn: Callable[[slice, bool], tuple]) -> list[tuple]:
-    """Run ``fn(rows, count_tiles)`` on contiguous slices of the N (batch x head) rows, in parallel.
+    """Run ``fn(rows, count_tiles)`` on contiguous slices of the N kernel rows, in parallel.
 
     Each torch op parallelises internally (OpenMP), but a tile loop issues thousands of small ops,
     and each one ends in a barrier where all threads wait for the slowest; on a busy CPU that wait
@@ -400,9 +511,9 @@ def _in_parallel(n: int, dropout_p: float, fn: Callable[[slice, bool], tuple]) -
 
     def task(i: int) -> tuple:
         torch.set_num_threads(1)  # this worker's ops run single-threaded
-        # Grad mode is per thread and on by default: without no_grad the worker would record an
-        # autograd graph (saving every tile!) for ops on saved outputs that require grad.
-        with torch.no_grad():
+        # Grad mode and autocast are per thread: the worker must record no autograd graph (it would
+        # save every tile) and must not cast the tiles to half precision.
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
             return fn(slices[i], i == 0)  # tiles are counted once, by the first worker
 
     threads = torch.get_num_threads()
@@ -412,135 +523,169 @@ def _in_parallel(n: int, dropout_p: float, fn: Callable[[slice, bool], tuple]) -
         torch.set_num_threads(threads)  # the BLAS thread setting is process-wide: restore it
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd function: saves ``q, k, v, out, lse`` (no attention matrix) and recomputes tiles."""
+# --------------------------------------------------------------------------------------------------
+# From the caller's layout (B, H, T, d) to the kernel's (N, T * G, d) and back
+# --------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, q, k, v, padding, causal, scale, dropout_p, seed, block_q, block_k):
-        """q: (..., T_q, d), k: (..., T_k, d), v: (..., T_k, d_v) -> (..., T_q, d_v)."""
-        lead = q.shape[:-2]
-        n = math.prod(lead)
-        t_q, d = q.shape[-2], q.shape[-1]
-        t_k, d_v = v.shape[-2], v.shape[-1]
-        cdtype = compute_dtype(q.dtype)
-        qc = q.reshape(n, t_q, d).to(cdtype).contiguous()  # (N, T_q, d)
-        kc = k.reshape(n, t_k, d).to(cdtype).contiguous()  # (N, T_k, d)
-        vc = v.reshape(n, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)
-        args = (causal, scale, dropout_p, seed, block_q, block_k)
-        parts = _in_parallel(
-            n, dropout_p,
-            lambda sl, count: _flash_forward(qc[sl], kc[sl], vc[sl], _rows(padding, sl), *args, count=count),
+
+def _to_rows(x: torch.Tensor, h_kv: int, cdtype: torch.dtype) -> torch.Tensor:
+    """(B, H, T, f) -> (B * H_kv, T * G, f): the G query heads of a group interleaved by position."""
+    b, h, t, f = x.shape
+    g = h // h_kv
+    x = x.reshape(b, h_kv, g, t, f).transpose(2, 3)  # (B, H_kv, T, G, f)
+    return x.reshape(b * h_kv, t * g, f).to(cdtype).contiguous()  # (N, T * G, f)
+
+
+def _from_rows(x: torch.Tensor, b: int, h: int, t: int) -> torch.Tensor:
+    """(B * H_kv, T * G, f) -> (B, H, T, f); the inverse of :func:`_to_rows`."""
+    n, _, f = x.shape
+    h_kv = n // b
+    x = x.reshape(b, h_kv, t, h // h_kv, f).transpose(2, 3)  # (B, H_kv, G, T, f)
+    return x.reshape(b, h, t, f)  # (B, H, T, f)
+
+
+def _kernel_mask(padding: torch.Tensor | None, document_ids: torch.Tensor | None, causal: bool,
+                 window: int | None, t_q: int, t_k: int, h_kv: int) -> TileMask:
+    """The TileMask of the kernel rows from the operator's padding (B, H_kv, T_k) and documents (B, T)."""
+    pad = None
+    if padding is not None and bool(padding.any()):
+        pad = padding.reshape(-1, t_k).contiguous()  # (N, T_k)
+    docs = None
+    if document_ids is not None:
+        docs = document_ids.long().repeat_interleave(h_kv, dim=0).contiguous()  # (N, T)
+    return TileMask(causal=causal, window=window, offset=t_k - t_q, document_ids=docs, padding=pad)
+
+
+def _forward_impl(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k,
+                  count=True) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T_q, d), k (B, H_kv, T_k, d), v (B, H_kv, T_k, d_v) -> out (B, H, T_q, d_v) and the
+    natural-log lse (B, H, T_q), both in the compute dtype."""
+    b, h, t_q, _ = q.shape
+    h_kv, t_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    cdtype = compute_dtype(q.dtype)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:  # no rows, no keys: zeros, lse = -inf
+        return q.new_zeros(b, h, t_q, d_v, dtype=cdtype), q.new_full((b, h, t_q), -math.inf, dtype=cdtype)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        qr = _to_rows(q, h_kv, cdtype)  # (N, R, d)
+        kr = k.reshape(b * h_kv, t_k, -1).to(cdtype).contiguous()  # (N, T_k, d)
+        vr = v.reshape(b * h_kv, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)
+        mask = _kernel_mask(padding, document_ids, causal, window, t_q, t_k, h_kv)
+        plan = _Plan(_plan(mask, t_q, t_k, block_q, block_k), h // h_kv, scale, dropout_p,
+                     int(seed.item()) if seed is not None else 0, block_q, block_k)
+        out = qr.new_empty(b * h_kv, qr.shape[1], d_v)  # (N, R, d_v)
+        lse2 = qr.new_empty(b * h_kv, qr.shape[1])  # (N, R)
+        _in_parallel(
+            b * h_kv, dropout_p,
+            lambda sl, first: _flash_forward(qr[sl], kr[sl], vr[sl], mask.rows(sl), plan, count and first,
+                                             out[sl], lse2[sl]),
         )
-        out = torch.cat([o for o, _ in parts]) if len(parts) > 1 else parts[0][0]  # (N, T_q, d_v)
-        lse2 = torch.cat([lse for _, lse in parts]) if len(parts) > 1 else parts[0][1]  # (N, T_q)
-        ctx.save_for_backward(q, k, v, out, lse2)
-        ctx.padding = padding
-        ctx.args = args
-        return out.reshape(*lead, t_q, d_v).to(q.dtype)  # (..., T_q, d_v)
+        lse = _from_rows(lse2.unsqueeze(-1), b, h, t_q).squeeze(-1) / _LOG2E  # (B, H, T_q)
+        return _from_rows(out, b, h, t_q), lse  # (B, H, T_q, d_v), (B, H, T_q)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, lse2 = ctx.saved_tensors
-        lead = q.shape[:-2]
-        n = math.prod(lead)
-        t_q, d = q.shape[-2], q.shape[-1]
-        t_k, d_v = v.shape[-2], v.shape[-1]
-        cdtype = out.dtype
-        go = grad_out.reshape(n, t_q, d_v).to(cdtype).contiguous()  # (N, T_q, d_v)
-        qc = q.reshape(n, t_q, d).to(cdtype).contiguous()  # (N, T_q, d)
-        kc = k.reshape(n, t_k, d).to(cdtype).contiguous()  # (N, T_k, d)
-        vc = v.reshape(n, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)
-        parts = _in_parallel(
-            n, ctx.args[2],
-            lambda sl, count: _flash_backward(go[sl], qc[sl], kc[sl], vc[sl], out[sl], lse2[sl],
-                                              _rows(ctx.padding, sl), *ctx.args, count=count),
+
+def _backward_impl(grad_out, q, k, v, out, lse, padding, document_ids, seed, causal, window, scale, dropout_p,
+                   block_q, block_k, count=True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients (dq, dk, dv) in the compute dtype, shapes of q, k, v; ``lse`` natural-log (B, H, T_q)."""
+    b, h, t_q, d = q.shape
+    h_kv, t_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    cdtype = compute_dtype(q.dtype)
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
+        return (q.new_zeros(q.shape, dtype=cdtype), k.new_zeros(k.shape, dtype=cdtype),
+                v.new_zeros(v.shape, dtype=cdtype))
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        qr = _to_rows(q, h_kv, cdtype)  # (N, R, d)
+        gr = _to_rows(grad_out, h_kv, cdtype)  # (N, R, d_v)
+        outr = _to_rows(out, h_kv, cdtype)  # (N, R, d_v)
+        lse2 = _to_rows(lse.unsqueeze(-1), h_kv, cdtype).squeeze(-1) * _LOG2E  # (N, R)
+        kr = k.reshape(b * h_kv, t_k, d).to(cdtype).contiguous()  # (N, T_k, d)
+        vr = v.reshape(b * h_kv, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)
+        mask = _kernel_mask(padding, document_ids, causal, window, t_q, t_k, h_kv)
+        plan = _Plan(_plan(mask, t_q, t_k, block_q, block_k), h // h_kv, scale, dropout_p,
+                     int(seed.item()) if seed is not None else 0, block_q, block_k)
+        dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)  # (N, R, d), ..
+        _in_parallel(
+            b * h_kv, dropout_p,
+            lambda sl, first: _flash_backward(gr[sl], qr[sl], kr[sl], vr[sl], outr[sl], lse2[sl], mask.rows(sl),
+                                              plan, count and first, (dq[sl], dk[sl], dv[sl])),
         )
-        dq, dk, dv = (torch.cat(g) if len(parts) > 1 else g[0] for g in zip(*parts))
-        return (
-            dq.reshape(q.shape).to(q.dtype),  # (..., T_q, d)
-            dk.reshape(k.shape).to(k.dtype),  # (..., T_k, d)
-            dv.reshape(v.shape).to(v.dtype),  # (..., T_k, d_v)
-            None, None, None, None, None, None, None,
-        )
+        return (_from_rows(dq, b, h, t_q), dk.reshape(b, h_kv, t_k, d),  # (B, H, T_q, d), (B, H_kv, T_k, d)
+                dv.reshape(b, h_kv, t_k, d_v))  # (B, H_kv, T_k, d_v)
 
 
-def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    key_padding_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
-) -> torch.Tensor:
-    """Exact scaled dot-product attention, computed in tiles without the ``T_q x T_k`` matrix.
+# --------------------------------------------------------------------------------------------------
+# The operator: one node for torch.compile / torch.export, with its fake implementation and autograd
+# --------------------------------------------------------------------------------------------------
 
-    Args:
-        q: queries, (..., T_q, d); floating point.
-        k: keys, (..., T_k, d); same leading dims and dtype as ``q``.
-        v: values, (..., T_k, d_v); same leading dims and dtype as ``q``.
-        causal: bottom-right aligned causal mask: query ``i`` sees key ``j`` iff
-            ``j <= i + (T_k - T_q)``.
-        scale: multiplies the scores; default ``1 / sqrt(d)``.
-        key_padding_mask: bool, True = padding (key ignored).  Shape (B, T_k) with
-            ``B = q.shape[0]`` (broadcast over the other leading dims, e.g. heads), or
-            ``q.shape[:-2] + (T_k,)``.
-        dropout_p: probability of dropping an attention probability, in [0, 1).
-        seed: seed of the dropout mask (only used when ``dropout_p > 0``); None draws one from
-            torch's global generator.
-        block_q, block_k: tile sizes (query rows, key columns).  Any sequence length works; the
-            results do not depend on them beyond floating-point rounding (the dropout mask does).
 
-    Returns:
-        (..., T_q, d_v), dtype of ``q``.  Rows with no allowed key are zeros.
-    """
-    _check_tensor("q", q)
-    _check_tensor("k", k)
-    _check_tensor("v", v)
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
-        if t.shape[:-2] != q.shape[:-2]:
-            raise ValueError(
-                f"{name} must have the same leading dims as q, expected {tuple(q.shape[:-2])}, "
-                f"got {tuple(t.shape[:-2])} ({name}.shape={tuple(t.shape)})"
-            )
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have the feature dim of q, expected k.shape[-1]={q.shape[-1]}, "
-                         f"got {k.shape[-1]}")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have as many rows as k, expected v.shape[-2]={k.shape[-2]}, "
-                         f"got {v.shape[-2]}")
-    if q.shape[-1] == 0:
-        raise ValueError("q must have a feature dim d >= 1, got d=0")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} ({dropout_p!r})")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} ({seed!r})")
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    padding = _prepare_padding(key_padding_mask, q, k.shape[-2])
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    return FlashAttentionFunction.apply(
-        q, k, v, padding, causal, float(scale), float(dropout_p), int(seed or 0), int(block_q), int(block_k)
-    )
+@torch.library.custom_op("attnlab::flash_attention", mutates_args=())
+def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None,
+              document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, window: int | None,
+              scale: float, dropout_p: float, block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """out (B, H, T_q, d_v) in q's dtype, lse (B, H, T_q) natural-log in the compute dtype."""
+    out, lse = _forward_impl(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p,
+                             block_q, block_k)
+    return out.to(q.dtype).contiguous(), lse.contiguous()
+
+
+@_flash_op.register_fake
+def _flash_op_fake(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k):
+    b, h, t_q, _ = q.shape
+    out = q.new_empty(b, h, t_q, v.shape[3])  # (B, H, T_q, d_v)
+    return out, q.new_empty((b, h, t_q), dtype=compute_dtype(q.dtype))  # (B, H, T_q)
+
+
+@torch.library.custom_op("attnlab::flash_attention_backward", mutates_args=())
+def _flash_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, padding: torch.Tensor | None,
+                       document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool,
+                       window: int | None, scale: float, dropout_p: float, block_q: int,
+                       block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in the dtypes of q, k, v."""
+    dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, padding, document_ids, seed, causal, window,
+                                scale, dropout_p, block_q, block_k)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+@_flash_backward_op.register_fake
+def _flash_backward_op_fake(grad_out, q, k, v, out, lse, padding, document_ids, seed, causal, window, scale,
+                            dropout_p, block_q, block_k):
+    # contiguous, as the real implementation returns them (not empty_like: q may be a strided view)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, padding, document_ids, seed)
+    ctx.args = (causal, window, scale, dropout_p, block_q, block_k)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, padding, document_ids, seed = ctx.saved_tensors
+    dq, dk, dv = _flash_backward_op(grad_out.contiguous(), q, k, v, out, lse, padding, document_ids, seed,
+                                    *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_flash_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point: input checks (shapes only, symbolic sizes welcome), then the operator
+# --------------------------------------------------------------------------------------------------
+
+
+class _Inputs(NamedTuple):
+    q: torch.Tensor  # (B, H, T_q, d)
+    k: torch.Tensor  # (B, H_kv, T_k, d)
+    v: torch.Tensor  # (B, H_kv, T_k, d_v)
+    padding: torch.Tensor | None  # bool (B, H_kv, T_k), True = padding
+    document_ids: torch.Tensor | None  # int (B, T)
+    lead: tuple  # q's leading dims, to give the output back in the caller's layout
+    causal: bool
+    window: int | None
+    scale: float
 
 
 def _check_tensor(name: str, t) -> None:
@@ -553,8 +698,71 @@ def _check_tensor(name: str, t) -> None:
         raise ValueError(f"{name} must have at least 2 dims (..., T, d), got shape {tuple(t.shape)}")
 
 
-def _prepare_padding(mask: torch.Tensor | None, q: torch.Tensor, t_k: int) -> torch.Tensor | None:
-    """Validate ``key_padding_mask`` and bring it to (N, 1, T_k) (or (1, 1, T_k)); None if no padding."""
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Under torch.autocast, attention runs in the autocast dtype (as torch's own SDPA does)."""
+    device = q.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
+def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale) -> _Inputs:
+    """Check the inputs and bring them to the operator's layout (views where possible)."""
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    _check_tensor("v", v)
+    q, k, v = _autocast(q, k, v)
+    lead = tuple(q.shape[:-2])
+    grouped = q.dim() >= 3 and k.dim() == q.dim() and k.shape[:-3] == q.shape[:-3] and k.shape[-3] != q.shape[-3]
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+        if grouped:
+            if t.shape[:-2] != k.shape[:-2] or t.shape[-3] < 1 or q.shape[-3] % t.shape[-3] != 0:
+                raise ValueError(
+                    f"{name} must have the leading dims of q, expected {lead} or a number of key/value heads "
+                    f"dividing H={q.shape[-3]} (grouped-query attention), got {tuple(t.shape[:-2])} "
+                    f"({name}.shape={tuple(t.shape)})")
+        elif t.shape[:-2] != q.shape[:-2]:
+            raise ValueError(
+                f"{name} must have the same leading dims as q, expected {lead}, "
+                f"got {tuple(t.shape[:-2])} ({name}.shape={tuple(t.shape)})"
+            )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k must have the feature dim of q, expected k.shape[-1]={q.shape[-1]}, "
+                         f"got {k.shape[-1]}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"v must have as many rows as k, expected v.shape[-2]={k.shape[-2]}, "
+                         f"got {v.shape[-2]}")
+    if q.shape[-1] == 0:
+        raise ValueError("q must have a feature dim d >= 1, got d=0")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1 (keys seen by each query), got {window!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    has_heads = q.dim() >= 4 or grouped  # (..., H, T, d); a 3-D (B, T, d) has one head per batch row
+    h = q.shape[-3] if has_heads else 1
+    h_kv = k.shape[-3] if has_heads else 1
+    b = math.prod(lead[:-1]) if has_heads else math.prod(lead)
+    q4 = q.reshape(b, h, t_q, q.shape[-1])  # (B, H, T_q, d)
+    k4 = k.reshape(b, h_kv, t_k, k.shape[-1])  # (B, H_kv, T_k, d)
+    v4 = v.reshape(b, h_kv, t_k, v.shape[-1])  # (B, H_kv, T_k, d_v)
+    padding = _prepare_padding(key_padding_mask, q, t_k, b, h, h_kv)
+    docs = _prepare_documents(document_ids, q, t_q, t_k, b, has_heads)
+    return _Inputs(q4, k4, v4, padding, docs, lead, causal or window is not None, window, float(scale))
+
+
+def _prepare_padding(mask, q: torch.Tensor, t_k, b, h, h_kv) -> torch.Tensor | None:
+    """Validate ``key_padding_mask`` and bring it to (B, H_kv, T_k) (an expanded view)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -566,14 +774,170 @@ def _prepare_padding(mask: torch.Tensor | None, q: torch.Tensor, t_k: int) -> to
     lead = tuple(q.shape[:-2])
     full = lead + (t_k,)
     per_batch = (lead[0], t_k) if lead else (t_k,)
-    shape = tuple(mask.shape)
-    if shape == full:
-        expanded = mask  # (..., T_k)
-    elif shape == per_batch:
-        expanded = mask.reshape(per_batch[:1] + (1,) * (len(lead) - 1) + (t_k,)).expand(full)  # (..., T_k)
-    else:
+    m = mask
+    if len(lead) > 1 and m.dim() == 2 and m.shape[0] in (lead[0], 1):
+        m = m.reshape(m.shape[:1] + (1,) * (len(lead) - 1) + m.shape[1:])  # (B0|1, 1, ..., T_k|1)
+    elif m.dim() == len(lead) + 2 and m.shape[-2] == 1:
+        m = m.squeeze(-2)  # the attention-mask form (..., H|1, 1, T_k|1)
+    if m.dim() != len(full) or any(s != 1 and s != f for s, f in zip(m.shape, full)):
         expected = f"{per_batch}" if per_batch == full else f"{per_batch} or {full}"
-        raise ValueError(f"key_padding_mask must have shape {expected} (T_k={t_k}), got {shape}")
-    if not bool(expanded.any()):
+        raise ValueError(f"key_padding_mask must have shape {expected} (T_k={t_k}), got {tuple(mask.shape)} "
+                         f"(sizes of 1 broadcast; the attention-mask form {lead + (1, t_k)} is accepted too)")
+    if h != h_kv:
+        if m.shape[-2] != 1:
+            raise ValueError(
+                f"key_padding_mask must be the same for every head with grouped-query attention "
+                f"(H={h}, H_kv={h_kv}): give shape {per_batch}, got {tuple(mask.shape)}")
+        m = m.expand(full[:-2] + (1, t_k)).reshape(b, 1, t_k).expand(b, h_kv, t_k)  # (B, H_kv, T_k)
+        return m
+    return m.expand(full).reshape(b, h, t_k)  # (B, H, T_k)
+
+
+def _prepare_documents(document_ids, q: torch.Tensor, t_q, t_k, b, has_heads) -> torch.Tensor | None:
+    """Validate ``document_ids`` and bring them to (B, T)."""
+    if document_ids is None:
         return None
-    return expanded.reshape(math.prod(lead), 1, t_k).contiguous()  # (N, 1, T_k)
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise TypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
+    if document_ids.device != q.device:
+        raise ValueError(f"document_ids must be on the device of q ({q.device}), got {document_ids.device}")
+    if t_q != t_k:
+        raise ValueError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
+    lead = tuple(q.shape[:-2])
+    batch = lead[0] if len(lead) >= (2 if has_heads else 1) else 1
+    shape = tuple(document_ids.shape)
+    if shape not in ((batch, t_q), (1, t_q), (t_q,)):
+        raise ValueError(f"document_ids must have shape ({batch}, {t_q}) (batch, tokens) or ({t_q},), got {shape}")
+    docs = document_ids.reshape(-1, 1, t_q)  # (B0|1, 1, T)
+    return docs.expand(batch, b // batch, t_q).reshape(b, t_q)  # (B, T)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    document_ids: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | torch.Tensor | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """Exact scaled dot-product attention, computed in tiles without the ``T_q x T_k`` matrix.
+
+    Args:
+        q: queries, (..., H, T_q, d); floating point.
+        k: keys, (..., H_kv, T_k, d); same dtype as ``q``, same leading dims, and ``H_kv == H`` or
+            ``H % H_kv == 0`` (grouped-query attention: query head ``h`` uses key/value head
+            ``h // (H // H_kv)``; K/V are never repeated in memory).
+        v: values, (..., H_kv, T_k, d_v).
+        causal: bottom-right aligned causal mask: query ``i`` sees key ``j`` iff
+            ``j <= i + (T_k - T_q)``.
+        window: None or an int >= 1: sliding window, implies causal: query ``i`` sees key ``j`` iff
+            ``i + (T_k - T_q) - window < j <= i + (T_k - T_q)`` (itself and the window - 1 before it).
+        document_ids: integer (B, T) (or (T,)) with T = T_q = T_k: packed sequences, a token sees only
+            the tokens of its own document (causal inside with ``causal=True``).  B = ``q.shape[0]``.
+        key_padding_mask: bool, True = padding (key ignored).  Shape (B, T_k) with ``B = q.shape[0]``
+            (broadcast over heads), ``q.shape[:-2] + (T_k,)``, or any shape that broadcasts to it,
+            also in the attention-mask form (B|1, H|1, 1, T_k|1).
+        scale: multiplies the scores; default ``1 / sqrt(d)``.
+        dropout_p: probability of dropping an attention probability, in [0, 1).
+        seed: seed of the dropout mask (only used when ``dropout_p > 0``): an int or an int64 tensor of
+            one element; None draws one from torch's global generator (as a tensor, so compiled code
+            draws a fresh one per call).
+        block_q, block_k: tile sizes (query positions, key columns).  Any sequence length works; the
+            results do not depend on them beyond floating-point rounding (the dropout mask does).
+
+    Returns:
+        (..., H, T_q, d_v), dtype of ``q`` (the autocast dtype under ``torch.autocast``).  Rows with no
+        allowed key are zeros.  Empty inputs (T_q = 0 or T_k = 0) give empty / zero outputs and zero
+        gradients.
+    """
+    x = _prepare(q, k, v, causal=causal, window=window, document_ids=document_ids,
+                 key_padding_mask=key_padding_mask, scale=scale)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} ({dropout_p!r})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if seed is not None and not isinstance(seed, torch.Tensor) and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__} ({seed!r})")
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    seed_t = None
+    if dropout_p > 0.0:
+        if seed is None:
+            seed_t = torch.randint(0, 2**62, (1,))  # drawn in the traced code, not inside the operator
+        elif isinstance(seed, torch.Tensor):
+            seed_t = seed.reshape(1).long()
+        else:
+            seed_t = torch.tensor([int(seed)], dtype=torch.int64)
+    out, _ = _flash_op(x.q, x.k, x.v, x.padding, x.document_ids, seed_t, x.causal, x.window, x.scale,
+                       float(dropout_p), int(block_q), int(block_k))  # (B, H, T_q, d_v)
+    return out.reshape(*x.lead, out.shape[-2], out.shape[-1])  # (..., H, T_q, d_v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block primitives with the log-sum-exp, for callers that merge partial results (attnlab.distributed)
+# --------------------------------------------------------------------------------------------------
+
+
+def forward_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of attention without autograd: ``(out, lse)``.
+
+    q: (..., T_q, d), k: (..., T_k, d), v: (..., T_k, d_v)  ->  out (..., T_q, d_v) in the compute dtype
+    (float32 for fp16/bf16 input) and lse (..., T_q), the natural-log log-sum-exp of each row's scaled
+    scores (-inf for a row with no allowed key, whose out is 0). Two blocks over disjoint keys merge
+    exactly: ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
+    Grouped-query k/v and ``window`` (implies causal) as in :func:`flash_attention`.
+    """
+    x = _prepare(q, k, v, causal=causal, window=window, document_ids=None, key_padding_mask=key_padding_mask,
+                 scale=scale)
+    out, lse = _forward_impl(x.q, x.k, x.v, x.padding, None, None, x.causal, x.window, x.scale, 0.0,
+                             DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, count=False)  # (B, H, T_q, d_v), (B, H, T_q)
+    return out.reshape(*x.lead, out.shape[-2], out.shape[-1]), lse.reshape(*x.lead, lse.shape[-1])
+
+
+def backward_with_lse(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of one block given the *final* (merged) ``out`` and ``lse`` of its query rows:
+    ``(dq, dk, dv)`` in the compute dtype, the block's contribution (sum them over blocks).
+
+    grad_out, out: (..., T_q, d_v); q: (..., T_q, d); k: (..., T_k, d); v: (..., T_k, d_v); lse: (..., T_q).
+    """
+    x = _prepare(q, k, v, causal=causal, window=window, document_ids=None, key_padding_mask=key_padding_mask,
+                 scale=scale)
+    b, h, t_q = x.q.shape[:3]
+    d_v = x.v.shape[-1]
+    dq, dk, dv = _backward_impl(
+        grad_out.reshape(b, h, t_q, d_v), x.q, x.k, x.v, out.reshape(b, h, t_q, d_v), lse.reshape(b, h, t_q),
+        x.padding, None, None, x.causal, x.window, x.scale, 0.0, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, count=False,
+    )
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

@@ -22,11 +22,12 @@ gradients, never NaN.
 from __future__ import annotations
 
 import math
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
-from attnlab.masks import and_masks, causal_mask
+from attnlab.masks import and_masks, causal_mask, window_mask
 
 __all__ = [
     "dot_scores_loop",
@@ -41,6 +42,8 @@ __all__ = [
     "mask_before_softmax",
     "compute_dtype",
     "scaled_dot_product_attention",
+    "kv_groups",
+    "repeat_kv",
 ]
 
 
@@ -153,7 +156,11 @@ def softmax(scores: Tensor, dim: int = -1) -> Tensor:
     ``-inf`` (every key masked out) gets weights of 0 — not NaN — and zero gradients.
     float16/bfloat16 scores are computed in float32 and returned in their own dtype. Shape unchanged."""
     _check_float("scores", scores)
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least 1 dimension (a row of scores), got a 0-d tensor")
     x = scores.to(compute_dtype(scores.dtype))
+    if x.shape[dim] == 0:  # no keys at all: nothing to normalise (and amax has nothing to reduce)
+        return scores.clone()
     row_max = x.detach().amax(dim=dim, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))  # all -inf rows
     e = torch.exp(x - row_max)
@@ -189,6 +196,11 @@ def context_vectors(weights: Tensor, values: Tensor) -> Tensor:
     """
     _check_float("weights", weights)
     _check_float("values", values)
+    if weights.dim() < 1 or values.dim() < 2:
+        raise ValueError(
+            f"weights must have at least 1 dimension (..., T_k) and values at least 2 (..., T_k, d_v), got "
+            f"shapes {tuple(weights.shape)} and {tuple(values.shape)}"
+        )
     if weights.shape[-1] != values.shape[-2]:
         raise ValueError(
             f"weights has {weights.shape[-1]} keys but values has {values.shape[-2]} rows: they must match"
@@ -226,11 +238,28 @@ def mask_before_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...] | None:
+    """The shape the given shapes broadcast to, or None if they do not (``torch.broadcast_shapes``
+    without its cost, which dominates a small layer's forward; works on symbolic sizes)."""
+    out: list[int] = []
+    for dims in zip(*(((1,) * (max(map(len, shapes)) - len(s))) + tuple(s) for s in shapes)):
+        size = 1
+        for d in dims:
+            if d != 1:
+                if size != 1 and d != size:
+                    return None
+                size = d
+        out.append(size)
+    return tuple(out)
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t)
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dimensions (..., num_tokens, d), got {tuple(t.shape)}")
+        _check_float(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if q.shape[-1] != k.shape[-1]:
@@ -239,13 +268,39 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"k and v must have the same number of tokens, got {k.shape[-2]} and {v.shape[-2]}"
         )
-    try:
-        torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    except RuntimeError:
+    groups = kv_groups(q, k)
+    k_lead = k.shape[:-2] if groups == 1 else (*k.shape[:-3], q.shape[-3])
+    v_lead = v.shape[:-2] if groups == 1 or v.dim() < 3 else (*v.shape[:-3], v.shape[-3] * groups)
+    if broadcast_shape(q.shape[:-2], k_lead, v_lead) is None:
         raise ValueError(
             f"q, k and v leading (batch/head) dimensions must broadcast, got {tuple(q.shape[:-2])}, "
             f"{tuple(k.shape[:-2])} and {tuple(v.shape[:-2])}"
-        ) from None
+        )
+
+
+def kv_groups(q: Tensor, k: Tensor) -> int:
+    """How many query heads share one key/value head (grouped-query attention): ``H // H_kv`` when
+    q is (..., H, T_q, d) and k is (..., H_kv, T_k, d) with ``1 < H_kv < H`` and ``H % H_kv == 0``;
+    1 when the head dims are equal or broadcast (``H_kv == 1``). Query head ``h`` uses key/value head
+    ``h // (H // H_kv)``, the grouping of ``repeat_interleave`` and of torch's ``enable_gqa``."""
+    if q.dim() < 3 or k.dim() < 3:
+        return 1
+    h, h_kv = q.shape[-3], k.shape[-3]
+    if h_kv == h or h_kv == 1 or h == 1:
+        return 1
+    if h % h_kv != 0:
+        raise ValueError(
+            f"the number of query heads must be a multiple of the number of key/value heads "
+            f"(grouped-query attention), got {h} query heads (q.shape[-3]) and {h_kv} key/value heads "
+            f"(k.shape[-3])"
+        )
+    return h // h_kv
+
+
+def repeat_kv(t: Tensor, groups: int) -> Tensor:
+    """Key/value heads repeated for grouped-query attention: (..., H_kv, T, d) -> (..., H_kv * groups, T, d),
+    each head ``groups`` times in a row (``repeat_interleave``)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=-3)  # (..., H, T, d)
 
 
 def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask", batch_shape: tuple[int, ...] | None = None) -> None:
@@ -263,15 +318,59 @@ def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask", batch_sh
         )
     if batch_shape is not None:
         lead = tuple(mask.shape[:-2])
-        try:
-            fits = torch.broadcast_shapes(lead, tuple(batch_shape)) == tuple(batch_shape)
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if broadcast_shape(lead, tuple(batch_shape)) != tuple(batch_shape):
             raise ValueError(
                 f"{name} leading dimensions {lead} must broadcast to the batch/head dimensions "
                 f"{tuple(batch_shape)} of the scores, got mask shape {tuple(mask.shape)}"
             )
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    return_weights: Literal[False] = False,
+    window: int | None = None,
+) -> Tensor: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    return_weights: Literal[True],
+    window: int | None = None,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    return_weights: bool = False,
+    window: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def scaled_dot_product_attention(
@@ -285,30 +384,39 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     training: bool = True,
     return_weights: bool = False,
+    window: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, the eager reference.
 
     q: (..., T_q, d_k)   k: (..., T_k, d_k)   v: (..., T_k, d_v)   ->   out: (..., T_q, d_v)
-    and, with ``return_weights=True``, the attention weights (..., T_q, T_k) that multiplied ``v``
+    (grouped-query: q (..., H, T_q, d_k) with k, v (..., H_kv, T_k, d), ``H % H_kv == 0``, see
+    :func:`kv_groups`) and, with ``return_weights=True``, the attention weights (..., T_q, T_k) that multiplied ``v``
     (after dropout, if any).
 
     mask:      bool (True = may attend) or float (added to the scores), broadcastable to (..., T_q, T_k).
     causal:    query i may attend key j iff ``j <= i + (T_k - T_q)`` (aligned bottom-right, as
                ``torch.nn.attention.bias.causal_lower_right``); combines with ``mask``.
+    window:    None or an int >= 1: sliding window, implies causal: query i sees key j iff
+               ``i + (T_k - T_q) - window < j <= i + (T_k - T_q)`` (:func:`attnlab.masks.window_mask`).
     scale:     multiplies the scores; default ``1 / sqrt(d_k)``.
     dropout_p: dropout on the weights (scaled by ``1 / (1 - p)``), only when ``training``; it draws
                from torch's global RNG exactly as ``torch.nn.Dropout`` does, so the chapter's seeds work.
 
     float16/bfloat16 inputs are computed in float32 (scores, softmax, weighted sum) and the result is
-    returned in the input dtype. Fully masked query rows give zeros, not NaN.
+    returned in the input dtype. Fully masked query rows give zeros, not NaN; no keys at all
+    (``T_k = 0``) gives zeros too, with zero gradients, as PyTorch's math kernel does.
     """
     _check_qkv(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    groups = kv_groups(q, k)
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (..., H, T_k, d)
     t_q, t_k = q.shape[-2], k.shape[-2]
     if mask is not None:
-        batch_shape = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        check_mask(mask, t_q, t_k, batch_shape=tuple(batch_shape))
+        batch_shape = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        check_mask(mask, t_q, t_k, batch_shape=batch_shape)
     out_dtype = q.dtype
     work = compute_dtype(q.dtype)
     q, k, v = q.to(work), k.to(work), v.to(work)
@@ -316,7 +424,11 @@ def scaled_dot_product_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
 
     scores = all_pair_scores(q, k) * scale  # (..., T_q, T_k)
-    allowed = causal_mask(t_q, t_k, device=q.device) if causal else None  # (T_q, T_k)
+    allowed: Tensor | None = None
+    if window is not None:
+        allowed = window_mask(t_q, t_k, window=window, device=q.device)  # (T_q, T_k)
+    else:
+        allowed = causal_mask(t_q, t_k, device=q.device) if causal else None  # (T_q, T_k)
     if mask is not None and mask.dtype == torch.bool:
         allowed = and_masks(allowed, mask)  # (..., T_q, T_k)
     elif mask is not None:

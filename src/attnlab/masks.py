@@ -17,30 +17,48 @@ from torch import Tensor
 __all__ = ["causal_mask", "padding_mask", "and_masks", "or_masks", "window_mask", "to_additive"]
 
 
+def _check_length(name: str, value: object) -> None:
+    """A length is a non-negative int, or a symbolic size: a ``torch.SymInt`` under compile/export, a
+    0-d integer tensor under ``torch.jit.trace``."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be a non-negative int, got {type(value).__name__} ({value!r})")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
 def causal_mask(t_q: int, t_k: int | None = None, *, device: torch.device | str | None = None) -> Tensor:
     """Boolean causal mask, True where query ``i`` may attend key ``j``.  Shape (T_q, T_k).
 
     Aligned bottom-right when ``t_q != t_k`` (as ``torch.nn.attention.bias.causal_lower_right`` and
     FlashAttention do): the last query sees every key, so query ``i`` may attend key ``j`` iff
     ``j <= i + (t_k - t_q)``. For ``t_q == t_k`` this is the chapter's lower triangle.
+    ``t_q`` / ``t_k`` may be symbolic sizes (``torch.SymInt``), so the mask traces under
+    ``torch.compile(dynamic=True)`` and ``torch.export`` without fixing the length.
     """
     t_k = t_q if t_k is None else t_k
-    for name, value in (("t_q", t_q), ("t_k", t_k)):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)  # (T_q, T_k)
+    _check_length("t_q", t_q)
+    _check_length("t_k", t_k)
+    i = torch.arange(t_q, device=device)[:, None]  # (T_q, 1)
+    j = torch.arange(t_k, device=device)[None, :]  # (1, T_k)
+    return j <= i + (t_k - t_q)  # (T_q, T_k)
 
 
-def window_mask(t_q: int, t_k: int | None = None, *, window: int, device=None) -> Tensor:
-    """Boolean sliding-window mask: query ``i`` may attend keys at most ``window - 1`` positions before it
-    (aligned bottom-right like :func:`causal_mask`, which it implies).  Shape (T_q, T_k)."""
-    if not isinstance(window, int) or window < 1:
+def window_mask(
+    t_q: int, t_k: int | None = None, *, window: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Boolean sliding-window mask: query ``i`` may attend itself and the ``window - 1`` keys before it,
+    ``i + (t_k - t_q) - window < j <= i + (t_k - t_q)`` (aligned bottom-right like :func:`causal_mask`,
+    which it implies).  Shape (T_q, T_k)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     t_k = t_q if t_k is None else t_k
-    offset = t_k - t_q
-    return causal_mask(t_q, t_k, device=device) & ~torch.ones(
-        t_q, t_k, dtype=torch.bool, device=device
-    ).tril(diagonal=offset - window)  # (T_q, T_k)
+    _check_length("t_q", t_q)
+    _check_length("t_k", t_k)
+    i = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # (T_q, 1): the key aligned with query i
+    j = torch.arange(t_k, device=device)[None, :]  # (1, T_k)
+    return (j <= i) & (j > i - window)  # (T_q, T_k)
 
 
 def padding_mask(key_padding_mask: Tensor) -> Tensor:
@@ -68,10 +86,11 @@ def and_masks(*masks: Tensor | None) -> Tensor | None:
 
 def or_masks(*masks: Tensor | None) -> Tensor | None:
     """Pairs allowed by any mask (broadcasting). ``None`` means "no restriction", so the result is None."""
-    if any(m is None for m in masks) or not masks:
+    present = [m for m in masks if m is not None]
+    if len(present) < len(masks) or not present:
         return None
-    out = masks[0]
-    for m in masks[1:]:
+    out = present[0]
+    for m in present[1:]:
         out = out | m
     return out
 

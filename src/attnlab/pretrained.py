@@ -300,6 +300,8 @@ class EncoderLayer(nn.Module):
         if token_index is None:
             padded = x  # (B, T, D)
         else:
+            if key_padding_mask is None:
+                raise ValueError("token_index (the unpadded form) needs key_padding_mask (B, T), got None")
             b, t = key_padding_mask.shape
             padded = (
                 x.new_zeros(b * t, x.shape[-1]).index_copy_(0, token_index, x).view(b, t, -1)
@@ -636,6 +638,8 @@ class SentenceEncoder(nn.Module):
         encoding, ids, mask, types = self._single(text)
         with torch.no_grad():
             out = self.forward(ids, mask, types, need_weights=True)
+        if out.attentions is None:
+            raise RuntimeError("forward(need_weights=True) returned no attention weights")
         weights = torch.stack([w[0] for w in out.attentions])  # L x (H, T, T) -> (L, H, T, T)
         return AttentionMaps(
             text=text,
@@ -655,10 +659,16 @@ class SentenceEncoder(nn.Module):
         if head is not None:
             _check_index("head", head, self.num_heads)
         encoding, ids, mask, types = self._single(text)
-        mha = self.layers[layer].attention
+        encoder_layer = self.layers[layer]
+        if not isinstance(encoder_layer, EncoderLayer):
+            raise TypeError(f"layers[{layer}] must be an EncoderLayer, got {type(encoder_layer).__name__}")
+        mha = encoder_layer.attention
         h, hd = self.num_heads, self.config.bert.head_dim
         with torch.no_grad():
-            x = self.forward(ids, mask, types, output_hidden_states=True).hidden_states[layer][0]  # (T, D)
+            hidden_states = self.forward(ids, mask, types, output_hidden_states=True).hidden_states
+            if hidden_states is None:
+                raise RuntimeError("forward(output_hidden_states=True) returned no hidden states")
+            x = hidden_states[layer][0]  # (T, D)
             t = x.shape[0]
             W_query, W_key, W_value = (
                 m.weight.T for m in (mha.W_query, mha.W_key, mha.W_value)

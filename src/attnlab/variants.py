@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -84,11 +85,25 @@ class VariantUnavailableError(RuntimeError):
     says which variant and why."""
 
 
-VARIANTS: dict[str, type[nn.Module]] = {}
+class _Variant(nn.Module):
+    """What every registered class is: an ``nn.Module`` with the reference's constructor ``(d_in, d_out,
+    context_length, dropout, num_heads, qkv_bias=False)``, ``forward(x)`` (B, T, d_in) -> (B, T, d_out), and
+    :meth:`load_reference`."""
+
+    variant_name: ClassVar[str]  # the registry name, set by @_register
+
+    def load_reference(self, mha: MultiHeadAttention) -> None:
+        """Copy the weights of the reference ``mha`` into this layout (then both compute the same function)."""
+        raise NotImplementedError
 
 
-def _register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def add(cls: type[nn.Module]) -> type[nn.Module]:
+_V = TypeVar("_V", bound=_Variant)
+
+VARIANTS: dict[str, type[_Variant]] = {}
+
+
+def _register(name: str) -> Callable[[type[_V]], type[_V]]:
+    def add(cls: type[_V]) -> type[_V]:
         if name in VARIANTS:
             raise ValueError(f"variant {name!r} is already registered")
         cls.variant_name = name
@@ -126,7 +141,7 @@ def _merge_heads(t: Tensor) -> Tensor:
 
 
 @_register("ch03_wrapper")
-class Ch03Wrapper(nn.Module):
+class Ch03Wrapper(_Variant):
     """``num_heads`` independent causal heads of width ``d_out // num_heads`` (each a
     :class:`~attnlab.modules.CausalAttention` with its own three projections), concatenated, then an
     output projection ``Linear(d_out, d_out)`` (the bonus notebook's ``Ch03_MHA_Wrapper``).
@@ -163,7 +178,7 @@ class Ch03Wrapper(nn.Module):
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
 
 
-class _MHALayout(MultiHeadAttention):
+class _MHALayout(MultiHeadAttention, _Variant):
     """A :class:`MultiHeadAttention` with a fixed backend and the variants' constructor."""
 
     backend_name = "auto"
@@ -190,7 +205,7 @@ class Ch03MHA(_MHALayout):
 # --------------------------------------------------------------------------------------------------
 
 
-class _FusedQKV(nn.Module):
+class _FusedQKV(_Variant):
     """Shared layout: ``qkv = Linear(d_in, 3 * d_out)`` (rows: queries, then keys, then values) and
     ``out_proj = Linear(d_out, d_out)``; subclasses say how attention runs (:meth:`attend`)."""
 
@@ -244,7 +259,7 @@ class CombinedQKV(_FusedQKV):
 
 
 @_register("einsum")
-class EinsumMHA(nn.Module):
+class EinsumMHA(_Variant):
     """Projections, scores and context vectors as ``torch.einsum`` contractions (the notebook's
     ``MHAEinsum``); the causal mask and the softmax are the shared ones of :mod:`attnlab.functional`.
     Weights are ``(d_in, d_out)`` parameters (``x @ W``, as ``SelfAttention_v1``), initialised like
@@ -349,7 +364,7 @@ class SDPANoFlashMHA(_FusedQKV):
 
 
 @_register("torch_mha")
-class TorchMHA(nn.Module):
+class TorchMHA(_Variant):
     """``torch.nn.MultiheadAttention(batch_first=True)`` with a causal ``attn_mask`` and
     ``need_weights=True`` (it also computes the head-averaged attention weights, which are discarded).
 
@@ -364,6 +379,7 @@ class TorchMHA(nn.Module):
     """
 
     need_weights = True
+    mask: Tensor  # buffer (T_max, T_max), True = masked (torch's convention)
 
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
@@ -380,7 +396,7 @@ class TorchMHA(nn.Module):
         self.num_heads = num_heads
         self.attn = nn.MultiheadAttention(d_out, num_heads, dropout=dropout, bias=True, batch_first=True)
         if not qkv_bias:
-            self.attn.in_proj_bias = None  # out_proj keeps its bias, as the reference's
+            self.attn.register_parameter("in_proj_bias", None)  # out_proj keeps its bias, as the reference's
         future = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
         self.register_buffer("mask", future, persistent=False)  # (T_max, T_max), True = masked (torch's)
 
@@ -554,3 +570,8 @@ def from_reference(name: str, mha: MultiHeadAttention) -> nn.Module:
         variant.load_reference(mha)
     variant.train(mha.training)
     return variant
+
+
+# The modern family (grouped-query, multi-query, sliding-window, rotary, latent, cached), each with its
+# plain reference: a registry of its own, since these are not the chapter's function (see attnlab.modern).
+from attnlab.modern import MODERN, ModernVariant, build_modern, plain_reference  # noqa: F401 (re-exported)

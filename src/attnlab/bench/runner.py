@@ -40,6 +40,8 @@ class BenchConfig:
     baseline: str = "ch03"  # the row the "speed vs" column divides by
     seed: int = 123  # torch.manual_seed in each worker
     matmul_n: int | None = None  # size N of the N x N matmul giving the machine's rate; None = by device
+    window: int | None = None  # sliding window of this many keys (MultiHeadAttention-based variants only)
+    documents: int | None = None  # this many packed documents per sequence, causal inside (same variants)
 
     @property
     def warmup_calls(self) -> int:
@@ -224,11 +226,11 @@ def run_bench(
             res.frac_of_matmul = res.gflops / matmul_gflops
         results.append(res)
 
-    base = next((r for r in results if r.name == cfg.baseline and r.summary), None)
-    if base is not None:
-        for r in results:
-            if r.summary:
-                r.speedup = base.summary.median / r.summary.median
+    base = next((res for res in results if res.name == cfg.baseline and res.summary), None)
+    if base is not None and base.summary is not None:
+        for res in results:
+            if res.summary:
+                res.speedup = base.summary.median / res.summary.median
     return BenchReport(
         config=cfg, machine=machine, matmul_gflops=matmul_gflops, matmul_n=n, flops=flops,
         results=results,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rich.console import Group
+from rich.console import Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -85,7 +85,7 @@ def render_table(report: BenchReport) -> Group:
     c = report.config
     table = Table(title="attnlab bench", caption=setting_line(report), caption_justify="left")
     for i, header in enumerate(HEADERS):
-        justify = "left" if i in (0, len(HEADERS) - 1) else "right"
+        justify: JustifyMethod = "left" if i in (0, len(HEADERS) - 1) else "right"
         table.add_column(header.format(baseline=c.baseline), justify=justify, no_wrap=i == 0)
     for r in report.results:
         s = r.summary

@@ -30,12 +30,14 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx.experimental.symbolic_shapes  # imported once in the fork server, not by each
 import torch.nn.attention.flex_attention  # worker at its first call (seconds each)
 
+from attnlab.modules import MultiHeadAttention
 from attnlab.variants import VARIANTS, VariantUnavailableError
 
 __all__ = ["measure_matmul", "measure_variant"]
@@ -170,29 +172,37 @@ def _measure_variant(cfg: dict[str, Any], name: str, conn) -> dict[str, Any]:
     dtype = DTYPES[cfg["dtype"]]
     b, t, d, h = cfg["batch"], cfg["tokens"], cfg["width"], cfg["heads"]
     backward = cfg["mode"] == "fwd+bwd"
+    window, documents = cfg.get("window"), cfg.get("documents")
+    if (window or documents) and name not in _MASKED_VARIANTS:
+        option = "--window" if window else "--documents"
+        return {"status": "unavailable", "note": f"{option} is measured for {', '.join(_MASKED_VARIANTS)} only"}
     try:
-        model = VARIANTS[name](d, d, t, 0.0, h).to(device=device, dtype=dtype)
+        model: torch.nn.Module = VARIANTS[name](d, d, t, 0.0, h).to(device=device, dtype=dtype)
+        if window:  # the same module with the window: MultiHeadAttention(window_size=...) on the variant's backend
+            model = MultiHeadAttention(d, d, t, 0.0, h, backend=str(model.backend), window_size=window).to(
+                device=device, dtype=dtype)
     except VariantUnavailableError as exc:
         return {"status": "unavailable", "note": str(exc)}
+    forward_kwargs = _packed_documents(model, name, b, t, documents, device) if documents else {}
     model.train(backward)  # fwd: inference (eval mode, no autograd); fwd+bwd: training mode
     x = torch.randn(b, t, d, device=device, dtype=dtype)  # (B, T, d)
     grad_out = torch.randn(b, t, d, device=device, dtype=dtype)  # (B, T, d)
     notes = []
     if name == "flex" and not cfg["compile"]:
         notes.append("eager FlexAttention: unfused")
-    runner = model
+    runner: Callable[..., Any] = model  # the module, or its compiled form
     if cfg["compile"]:
         runner = torch.compile(model)
 
     if backward:
         def step() -> None:
             xx = x.detach().requires_grad_(True)  # (B, T, d)
-            runner(xx).backward(grad_out)
+            runner(xx, **forward_kwargs).backward(grad_out)
             model.zero_grad(set_to_none=True)
     else:
         def step() -> None:
             with torch.no_grad():
-                runner(x)
+                runner(x, **forward_kwargs)
 
     for i in range(cfg["warmup"]):
         try:
@@ -215,6 +225,34 @@ def _measure_variant(cfg: dict[str, Any], name: str, conn) -> dict[str, Any]:
             return {"status": "unavailable", "note": str(exc)}
         conn.send(("tick", None))
     return {"status": "ok", "times_s": times, "peak_mem_bytes": peak.peak_bytes(), "note": "; ".join(notes)}
+
+
+_MASKED_VARIANTS = ("ch03", "attnlab", "flash")  # the MultiHeadAttention-based ones: they take window_size
+
+
+def _packed_documents(model, name: str, b: int, t: int, documents: int, device: torch.device) -> dict[str, Any]:
+    """--documents D: D documents of T/D tokens per sequence, a token attends only within its own (causal inside).
+
+    The flash variant gets the document ids themselves (its kernel skips the tiles between documents), through
+    a backend registered with attnlab.backends.register; ch03 and attnlab get the equivalent explicit mask
+    (attn_mask, combined with the causal mask by MultiHeadAttention)."""
+    from attnlab import backends
+    from attnlab.flash import flash_attention
+
+    doc_ids = (torch.arange(t, device=device) * documents // t).expand(b, t)  # (B, T)
+    if name != "flash":
+        return {"attn_mask": (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])}  # (B, 1, T, T)
+
+    def flash_documents(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0,
+                        training=True):
+        if mask is not None:
+            raise ValueError("the flash-documents backend of attnlab bench takes no mask")
+        return flash_attention(q, k, v, causal=causal, window=window, document_ids=doc_ids, scale=scale,
+                               dropout_p=dropout_p if training else 0.0)  # (B, H, T, hd)
+
+    backends.register("flash-documents", flash_documents, replace=True)
+    model.backend = "flash-documents"
+    return {}
 
 
 def measure_matmul(cfg: dict[str, Any], n: int, conn) -> None:

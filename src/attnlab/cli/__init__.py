@@ -24,7 +24,13 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line on stderr and exit code 2 (no usage dump)."""
+    """argparse, but errors are one line on stderr and exit code 2 (no usage dump), and no prefix
+    matching of long options (``--head`` is never taken as ``--heads``): every parser of the command,
+    subcommands' included (``add_subparsers(parser_class=_Parser)``, inherited by nested ones), is one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"attnlab: error: {message} (see: {self.prog} --help)\n")

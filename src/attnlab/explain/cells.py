@@ -3,6 +3,11 @@
 Used by ``--expect`` diagnoses, by the detail lines of the walkthrough and by the HTML report's hover
 text (through :meth:`attnlab.explain.steps.Walkthrough.explain_cell`). Nothing here computes attention:
 the values shown are the recorded ones; only the arithmetic of one line (``2×1 + 1×1``) is spelled out.
+
+Printed working adds up as printed: every intermediate on a line is computed from the operands *as
+printed*, and the operands get more decimals than the tables (up to ``_EXTRA`` more) until the line's
+arithmetic, done on the printed numbers, gives the result shown (``0.24473×2 + 0.66524×1 + 0.09003×1 =
+1.2447``, never ``0.2447×2 + 0.6652×1 + 0.09×1 = 1.2447``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,29 @@ if TYPE_CHECKING:
 __all__ = ["cell_name", "explain_cell", "row_name"]
 
 _MAX_TERMS = 8  # sums with more terms are not written out term by term
+_EXTRA = 4  # operands get at most this many more decimals than the result for the line to add up
+
+
+def _printed(value: float, d: int) -> float:
+    """A number as printed with ``d`` decimals (trailing zeros dropped), read back."""
+    return float(_steps.fmt(value, d, integral=False))
+
+
+def _same(a: float, b: float, p: int) -> bool:
+    return _steps.fmt(a, p, integral=False) == _steps.fmt(b, p, integral=False)
+
+
+def _enough(p: int, works) -> int:
+    """The fewest decimals ``d >= p`` for which ``works(d)``: the line's arithmetic on numbers printed
+    with ``d`` decimals gives the result shown at ``p``."""
+    for d in range(p, p + _EXTRA + 1):
+        if works(d):
+            return d
+    return p + _EXTRA
+
+
+def _dot_printed(a, b, d: int) -> float:
+    return sum(_printed(x, d) * _printed(y, d) for x, y in zip(a, b))
 
 
 def fmt(value: float, precision: int = 4, *, integral: bool | None = None) -> str:
@@ -98,16 +126,20 @@ def cell_name(walk: Walkthrough, step: Step, index: tuple[int, ...]) -> str:
     return f"{pre}{sym}[{row}, {col}]"
 
 
-def _sum_of_products(a: np.ndarray, b: np.ndarray, value: float, p: int) -> str | None:
-    """``= 2×1 + 1×1 = 2 + 1 = 3`` for short vectors."""
+def _sum_of_products(a: np.ndarray, b: np.ndarray, value: float, p: int, d: int | None = None) -> str | None:
+    """``= 2×1 + 1×1 = 2 + 1 = 3`` for short vectors, the products those of the printed numbers (with
+    ``d`` decimals, default: enough for the sum of the printed products to give the result)."""
     if len(a) > _MAX_TERMS:
         return None
-    ia, ib = fmt_vector(a, p), fmt_vector(b, p)  # decide whole-number display per vector
+    if d is None:
+        d = _enough(p, lambda d: _same(_dot_printed(a, b, d), value, p) and _same(
+            sum(_printed(_printed(x, d) * _printed(y, d), d) for x, y in zip(a, b)), value, p))
+    ia, ib = fmt_vector(a, d), fmt_vector(b, d)  # decide whole-number display per vector
     int_a, int_b = "." not in ia, "." not in ib
-    prods = [float(x) * float(y) for x, y in zip(a, b)]
-    terms = _signed_sum([f"{fmt(x, p, integral=int_a)}×{_factor(fmt(y, p, integral=int_b))}" for x, y in zip(a, b)])
+    prods = [_printed(x, d) * _printed(y, d) for x, y in zip(a, b)]
+    terms = _signed_sum([f"{fmt(x, d, integral=int_a)}×{_factor(fmt(y, d, integral=int_b))}" for x, y in zip(a, b)])
     int_p = int_a and int_b
-    sums = _signed_sum([fmt(v, p, integral=int_p) for v in prods])
+    sums = _signed_sum([fmt(v, d, integral=int_p) for v in prods])
     return f"  = {terms} = {sums} = {_val(value, p)}"
 
 
@@ -128,15 +160,51 @@ def _softmax_line(name: str, src_name: str, row: np.ndarray, j: int, value: floa
     finite = row[np.isfinite(row)]
     if finite.size and float(finite.max()) > 80.0:  # exp would overflow on display: say it in words
         return f"{name} = exp({src_name}) / Σ_k exp(row k) = {_val(value, p)}"
-    exps = [math.exp(float(v)) if math.isfinite(v) or v < 0 else math.inf for v in row]
-    total = sum(exps)
+    def parts(d: int) -> tuple[list[float], float, float]:
+        exps = [_printed(math.exp(_printed(v, d)), d) if math.isfinite(v) else 0.0 for v in row]
+        total = _printed(sum(exps), d)
+        return exps, total, (exps[j] / total if total else math.nan)
+
+    def adds_up(d: int) -> bool:
+        exact = [math.exp(_printed(v, d)) if math.isfinite(v) else 0.0 for v in row]
+        return _same(parts(d)[2], value, p) and _same(exact[j] / sum(exact), value, p)
+
+    d = _enough(p, adds_up) if len(row) <= _MAX_TERMS else p
+    exps, total, _ = parts(d)
     listed = (
-        " + ".join(f"exp({fmt(v, p)})" for v in row) if len(row) <= _MAX_TERMS else f"Σ of {len(row)} exps"
+        " + ".join(f"exp({fmt(v, d)})" for v in row) if len(row) <= _MAX_TERMS else f"Σ of {len(row)} exps"
     )
     return (
-        f"{name} = exp({src_name}) / Σ_k exp(row k) = exp({fmt(row[j], p)}) / ({listed}) "
-        f"= {fmt(exps[j], p)} / {fmt(total, p)} = {_val(value, p)}"
+        f"{name} = exp({src_name}) / Σ_k exp(row k) = exp({fmt(row[j], d)}) / ({listed}) "
+        f"= {fmt(exps[j], d)} / {fmt(total, d)} = {_val(value, p)}"
     )
+
+
+def _attn_score_lines(walk: Walkthrough, step: Step, index: tuple[int, ...], ops: list[Step],
+                      params: dict, name: str, value: float, p: int) -> list[str]:
+    """``score = q · k / √hd`` for the opt-in sections' scores (per head; a grouped-query head reads its
+    group's keys; -inf said in words: an empty cache slot, outside the window, or after the query)."""
+    q_step, k_step = ops
+    lead, i, j = index[:-2], index[-2], index[-1]
+    q_lab, k_lab = step.labels[-2][i], step.labels[-1][j]
+    if math.isinf(value):
+        mask = params.get("mask")
+        why = {"cache": f"at step {i + 1} the cache holds tokens 1..{i + 1}, and {k_lab} is not written yet",
+               "window": f"{k_lab} is outside {q_lab}'s window of {params.get('window')}" if j <= i else
+               f"{k_lab} comes after {q_lab}"}.get(str(mask), f"{k_lab} comes after {q_lab}")
+        return [f"{name} = -inf: {why}, so exp(-inf) = 0 gives it weight 0"]
+    kv_of = params.get("kv_head_of")
+    k_lead = tuple(lead)
+    if kv_of is not None and lead:
+        k_lead = (int(kv_of[lead[0]]),) + tuple(lead[1:])
+    qv, kv = q_step.values[lead + (i,)], k_step.values[k_lead + (j,)]
+    scale = float(params.get("scale", 1.0))
+    d = _enough(p, lambda d: _same(_dot_printed(qv, kv, d) / scale, value, p))
+    k_name = row_name(walk, k_step, k_lead + (j,)).rpartition(": ")[2]  # the head is said once, in name
+    q_name = row_name(walk, q_step, lead + (i,)).rpartition(": ")[2]
+    via = f" of key/value head {k_lead[0] + 1}" if kv_of is not None and lead else ""
+    return [(f"{name} = {q_name} · {k_name}{via} / √hd = "
+             f"{fmt_vector(qv, d)} · {fmt_vector(kv, d)} / {fmt(scale, d)} = {_val(value, p)}")]
 
 
 def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precision: int = 4) -> list[str]:
@@ -159,9 +227,10 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
         i, j = index[-2], index[-1]
         x_name = row_name(walk, x_step, (i,))
         col = w_step.values[:, j]
+        d = _enough(p, lambda d: _same(_dot_printed(x_step.values[i], col, d), value, p))
         lines = [
             (f"{name} = {x_name} · {w_step.symbol}[:, {step.labels[-1][j]}] = "
-            f"{fmt_vector(x_step.values[i], p)} · {fmt_vector(col, p)} = {_val(value, p)}"),
+            f"{fmt_vector(x_step.values[i], d)} · {fmt_vector(col, d)} = {_val(value, p)}"),
             (f"  {row_name(walk, step, index[:-1])} = {x_name} @ {w_step.symbol} = "
             f"{fmt_vector(x_step.values[i], p)} @ {w_step.symbol} = {fmt_vector(step.values[index[:-1]], p)}"),
         ]
@@ -169,6 +238,8 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
 
     if kind == "dot" and len(ops) == 2:
         a_step, b_step = ops
+        a_row: tuple[int, ...]
+        b_row: tuple[int, ...]
         if step.values.ndim == 1:
             i, j = int(params.get("row", walk.query)), index[0]
             a_row, b_row = (i,) if a_step.values.ndim == 2 else (), (j,)
@@ -177,8 +248,10 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
             a_row, b_row = index[:-2] + (i,), index[:-2] + (j,)
         av, bv = a_step.values[a_row], b_step.values[b_row]
         a_name, b_name = row_name(walk, a_step, a_row), row_name(walk, b_step, b_row)
-        lines = [f"{name} = {a_name} · {b_name} = {fmt_vector(av, p)} · {fmt_vector(bv, p)} = {_val(value, p)}"]
-        written = _sum_of_products(av, bv, value, p)
+        d = _enough(p, lambda d: _same(_dot_printed(av, bv, d), value, p) and (len(av) > _MAX_TERMS or _same(
+            sum(_printed(_printed(x, d) * _printed(y, d), d) for x, y in zip(av, bv)), value, p)))
+        lines = [f"{name} = {a_name} · {b_name} = {fmt_vector(av, d)} · {fmt_vector(bv, d)} = {_val(value, p)}"]
+        written = _sum_of_products(av, bv, value, p, d)
         if written:
             lines.append(written)
         lines += _made_from(walk, a_step, a_row, p)
@@ -189,10 +262,11 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
     if kind == "scale" and ops:
         src = ops[0]
         divisor = params.get("divisor_text", fmt(params.get("divisor", 1.0), p))
-        sv = float(src.values[index])
+        sv, dv = float(src.values[index]), float(params.get("divisor", 1.0))
+        d = _enough(p, lambda d: _same(_printed(sv, d) / _printed(dv, d), value, p))
         return [
-            (f"{name} = {cell_name(walk, src, index)} / {divisor} = {fmt(sv, p)} / "
-            f"{fmt(params.get('divisor', 1.0), p)} = {_val(value, p)}")
+            (f"{name} = {cell_name(walk, src, index)} / {divisor} = {fmt(sv, d)} / "
+            f"{fmt(dv, d)} = {_val(value, p)}")
         ]
 
     if kind in ("softmax", "softmax_naive") and ops:
@@ -203,9 +277,11 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
     if kind == "divide_by_sum" and ops:
         src = ops[0]
         row = src.values[index[:-1]]
+        top, total = float(row[index[-1]]), float(row.astype(np.float64).sum())
+        d = _enough(p, lambda d: _same(_printed(top, d) / _printed(total, d), value, p))
         return [
-            (f"{name} = {cell_name(walk, src, index)} / Σ_k {src.symbol}(·, k) = {fmt(row[index[-1]], p)} / "
-            f"{fmt(float(row.sum()), p)} = {_val(value, p)}")
+            (f"{name} = {cell_name(walk, src, index)} / Σ_k {src.symbol}(·, k) = {fmt(top, d)} / "
+            f"{fmt(total, d)} = {_val(value, p)}")
         ]
 
     if kind == "weighted_sum" and len(ops) == 2:
@@ -215,16 +291,70 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
             wrow, vcol, q = w_step.values, v_step.values[:, d], walk.query_label
         else:
             lead, i = index[:-2], index[-2]
-            wrow, vcol, q = w_step.values[lead + (i,)], v_step.values[lead + (slice(None), d)], step.labels[-2][i]
+            wrow, vcol, q = w_step.values[lead + (i,)], np.take(v_step.values[lead], d, axis=-1), step.labels[-2][i]
         keys = w_step.labels[-1]
         dim = step.labels[-1][d]
         lines = [f"{name} = Σ_j {w_step.symbol}({q}, j) × {v_step.symbol}_j[{dim}]"]
         if len(wrow) <= _MAX_TERMS * 2:
-            terms = _signed_sum([f"{fmt(w, p)}×{_factor(fmt(v, p))}" for w, v in zip(wrow, vcol)])
+            d = _enough(p, lambda d: _same(_dot_printed(wrow, vcol, d), value, p))
+            terms = _signed_sum([f"{fmt(w, d)}×{_factor(fmt(v, d))}" for w, v in zip(wrow, vcol)])
             lines[0] += f" = {terms}"
             lines.append("  (" + ", ".join(f"j = {k}" for k in keys) + ")")
         lines[0] += f" = {_val(value, p)}"
         return lines
+
+    if kind == "attn_scores" and len(ops) == 2:
+        return _attn_score_lines(walk, step, index, ops, params, name, value, p)
+
+    if kind == "mask" and ("window" in params or "cache" in params):
+        qi, kj = index[-2], index[-1]
+        q, k = step.labels[-2][qi], step.labels[-1][kj]
+        if "cache" in params:
+            state = "holds" if value else "does not hold yet"
+            return [(f"{name} = {_val(value, p)}: once {q} (token {qi + 1}) is written, the cache {state} "
+                     f"{k} (token {kj + 1}); it holds tokens 1..{qi + 1}")]
+        w = int(params["window"])
+        lo = max(qi - w + 1, 0)
+        where = ("after" if kj > qi else "inside the window of" if kj > qi - w else
+                 f"{qi - kj} tokens before, outside the window of")
+        return [(f"{name} = {_val(value, p)}: {k} (position {kj + 1}) is {where} {q} (position {qi + 1}); "
+                 f"with window {w}, {q} sees positions {lo + 1}..{qi + 1}")]
+
+    if kind == "out_of_window":
+        qi, kj = index[-2], index[-1]
+        q, k = step.labels[-2][qi], step.labels[-1][kj]
+        if value:
+            return [f"{name} = 1: {k} is before {q} (causal allows it) but outside the window of {params.get('window')}"]
+        why = "after it (the causal mask hides it anyway)" if kj > qi else "inside the window"
+        return [f"{name} = 0: {k} is {why}"]
+
+    if kind == "gqa_share":
+        h, g = index[-2], index[-1]
+        per = int(params.get("per", 1))
+        verdict = "uses" if value else "does not use"
+        return [(f"{name} = {_val(value, p)}: query head {h + 1} {verdict} key/value head {g + 1} "
+                 f"(query head h uses key/value head h // {per}, counting from 0: {h} // {per} = {h // per})")]
+
+    if kind == "rope_angle":
+        i, d = index[-2], index[-1]
+        theta = params.get("theta", [1.0])
+        half = len(theta)
+        th = float(theta[d % half]) if half else 1.0
+        fn = params.get("fn", "cos")
+        return [(f"{name} = {fn}(position × θ_{d % half + 1}) = {fn}({i} × {fmt(th, p)}) = "
+                 f"{fn}({fmt(i * th, p)}) = {_val(value, p)}")]
+
+    if kind == "rope" and len(ops) == 3:
+        src, cos_s, sin_s = ops
+        lead, d = index[:-1], index[-1]
+        i = index[-2]
+        vec = src.values[lead]
+        half = len(vec) // 2
+        other = -vec[d + half] if d < half else vec[d - half]
+        c, s_ = float(cos_s.values[i, d]), float(sin_s.values[i, d])
+        pair = f"-{src.symbol}[{d + half + 1}]" if d < half else f"{src.symbol}[{d - half + 1}]"
+        return [(f"{name} = {src.symbol}[{d + 1}] × cos + {pair} × sin = {fmt(float(vec[d]), p)} × {fmt(c, p)} "
+                 f"+ {_factor(fmt(float(other), p))} × {fmt(s_, p)} = {_val(value, p)}")]
 
     if kind == "mask":
         q, k = step.labels[-2][index[-2]], step.labels[-1][index[-1]]
@@ -241,8 +371,10 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
     if kind == "mask_after" and ops:
         z_step = ops[0]
         row = z_step.values[index[:-1]]
+        top, total = float(row[index[-1]]), float(row.astype(np.float64).sum())
+        d = _enough(p, lambda d: _same(_printed(top, d) / _printed(total, d), value, p))
         return [(f"{name} = {cell_name(walk, z_step, index)} / Σ_k {z_step.symbol}(·, k) = "
-                f"{fmt(row[index[-1]], p)} / {fmt(float(row.sum()), p)} = {_val(value, p)}")]
+                f"{fmt(top, d)} / {fmt(total, d)} = {_val(value, p)}")]
 
     if kind == "mask_before" and ops:
         src = ops[0]
@@ -258,16 +390,22 @@ def explain_cell(walk: Walkthrough, step_id: str, index: tuple[int, ...], precis
         if value == 0.0 and sv != 0.0:
             return [f"{name} = 0: dropped (each weight is dropped with probability p = {rate:g})"]
         factor = 1.0 / (1.0 - rate)
-        return [f"{name} = {cell_name(walk, src, index)} × 1/(1 − p) = {fmt(sv, p)} × {factor:g} = {_val(value, p)}"]
+        d = _enough(p, lambda d: _same(_printed(sv, d) * _printed(factor, d), value, p))
+        line = f"{name} = {cell_name(walk, src, index)} × 1/(1 − p) = {fmt(sv, d)} × {fmt(factor, d)}"
+        return [f"{line} = {_val(value, p)}"]
 
     if kind == "linear" and len(ops) == 2:
         x_step, w_step = ops
         row, j = index[:-1], index[-1]
         bias = params.get("bias")
         b = float(bias[j]) if bias is not None else 0.0
+        xr, wc = x_step.values[row], w_step.values[:, j]
+        d = p
+        if len(xr) <= _MAX_TERMS * 2:
+            d = _enough(p, lambda d: _same(_dot_printed(xr, wc, d) + _printed(b, d), value, p))
         return [
             (f"{name} = {row_name(walk, x_step, row)} · {w_step.symbol}[:, {step.labels[-1][j]}] + b[{step.labels[-1][j]}]"
-            f" = {fmt_vector(x_step.values[row], p)} · {fmt_vector(w_step.values[:, j], p)} {'−' if b < 0 else '+'} {fmt(abs(b), p)} "
+            f" = {fmt_vector(xr, d)} · {fmt_vector(wc, d)} {'−' if b < 0 else '+'} {fmt(abs(b), d)} "
             f"= {_val(value, p)}")
         ]
 

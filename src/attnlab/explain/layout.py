@@ -102,4 +102,12 @@ def settings_line(walk: Walkthrough) -> str:
            "random": f"random embeddings (seed {st.seed})"}.get(st.embeddings, st.embeddings)
     wts = "your weights" if st.weights == "given" else f"seeded weights (seed {st.seed}; SelfAttention_v2 {st.v2_seed})"
     scale = "scores ÷ √d_k" if st.scale else "no scaling (--no-scale)"
-    return f"{emb} · {wts} · d_out = {st.d_out}, heads = {st.heads}, dropout = {st.dropout:g} · {scale}"
+    heads = f"heads = {st.heads}"
+    if st.mha_heads is not None and st.mha_heads != st.heads:
+        heads += f" (MultiHeadAttention {st.mha_heads}, see section 5)"
+    line = f"{emb} · {wts} · d_out = {st.d_out}, {heads}, dropout = {st.dropout:g} · {scale}"
+    modern = getattr(st, "modern", None)
+    if modern:  # the opt-in sections' own configurations
+        line += " · " + "; ".join(f"{sec}: " + ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}"
+                                                        for k, v in opts.items()) for sec, opts in modern.items())
+    return line

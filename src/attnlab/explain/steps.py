@@ -25,8 +25,12 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "ALL_SECTIONS",
     "FORMAT_VERSION",
+    "MODERN_SECTIONS",
+    "OPTIONAL_STEPS",
     "SECTIONS",
+    "SECTION_ALIASES",
     "SECTION_TITLES",
     "How",
     "Settings",
@@ -34,12 +38,57 @@ __all__ = [
     "Walkthrough",
     "fmt",
     "fmt_vector",
+    "resolve_sections",
 ]
 
 FORMAT_VERSION = 1
 
-# Selectable sections, in the chapter's order; "input" (the embeddings) is always recorded.
+# Selectable sections, in the chapter's order; "input" (the embeddings) is always recorded. These are the
+# canonical names for every command (explain, heatmap, report); older names are in SECTION_ALIASES.
 SECTIONS = ("simple", "all", "trainable", "causal", "multihead")
+# Opt-in sections beyond chapter 3 (modern LLMs' attention, :mod:`attnlab.explain.modern`): recorded only when
+# named (``--section cache gqa window rope``), never in the default run, so its numbers stay the chapter's.
+MODERN_SECTIONS = ("cache", "gqa", "window", "rope")
+ALL_SECTIONS = SECTIONS + MODERN_SECTIONS
+# Old or other names -> the sections they stand for (accepted with a notice, see resolve_sections).
+# "simplified" is 3.3 as a whole: the one-query walk (3.3.1) and all tokens at once (3.3.2).
+SECTION_ALIASES: dict[str, tuple[str, ...]] = {
+    "simplified": ("simple", "all"),
+    "self-attention": ("trainable",),
+    "self_attention": ("trainable",),
+    "multi-head": ("multihead",),
+    "multi_head": ("multihead",),
+    "mha": ("multihead",),
+}
+# Step ids recorded only under some options -> the option that makes them appear.
+OPTIONAL_STEPS: dict[str, str] = {
+    "trainable.scaled_scores": "without --no-scale (with --no-scale the scores are not divided by √d_k)",
+    "causal.scaled_scores": "without --no-scale (with --no-scale the scores are not divided by √d_k)",
+    "model.layer_weights": "in the HTML report of a model (attnlab report --model ...), which records every layer",
+}
+
+
+def resolve_sections(names: str | Iterable[str]) -> tuple[tuple[str, ...], list[str]]:
+    """Section names (canonical or old, see ``SECTION_ALIASES``; comma-separated text allowed) ->
+    (the canonical sections in the chapter's order, one notice per old name used).
+    ValueError naming the valid sections for an unknown name or an empty list."""
+    items = [names] if isinstance(names, str) else list(names)
+    parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"sections is empty; valid sections: {', '.join(ALL_SECTIONS)}")
+    chosen: list[str] = []
+    notices: list[str] = []
+    for name in parts:
+        key = name.lower()
+        if key in ALL_SECTIONS:
+            chosen.append(key)
+        elif key in SECTION_ALIASES:
+            new = SECTION_ALIASES[key]
+            chosen += new
+            notices.append(f"section {name!r} is now called {' and '.join(repr(n) for n in new)}")
+        else:
+            raise ValueError(f"unknown section {name!r}; valid sections: {', '.join(ALL_SECTIONS)}")
+    return tuple(s for s in ALL_SECTIONS if s in chosen), notices
 SECTION_TITLES = {
     "input": "Input: tokens and embeddings",
     "simple": "1. Simplified self-attention for one query (3.3.1)",
@@ -47,6 +96,10 @@ SECTION_TITLES = {
     "trainable": "3. Self-attention with trainable weights (3.4)",
     "causal": "4. Causal attention (3.5)",
     "multihead": "5. Multi-head attention (3.6)",
+    "cache": "KV cache: decoding one token at a time",
+    "gqa": "Grouped-query attention: key/value heads shared by query heads",
+    "window": "Sliding-window attention: a band instead of the lower triangle",
+    "rope": "Rotary position embeddings (RoPE): q and k rotated by position",
 }
 
 
@@ -249,6 +302,11 @@ class Settings:
     embeddings      where the embeddings came from: "book", "given" or "random"
     weights         where W_query/W_key/W_value came from: "seeded" or "given"
     sections        the sections recorded, in order
+    mha_heads       heads of MultiHeadAttention (None: ``heads``); differs from ``heads`` only when
+                    ``heads`` does not divide d_out (the wrapper's seeded heads need not)
+    heads_note      what was chosen for the heads and why, when not what was asked ("" otherwise)
+    modern          the options of each opt-in section recorded (heads, d_out, kv_groups, window_size, ...;
+                    see :class:`attnlab.explain.modern.ModernOptions`), empty without one
     """
 
     d_in: int
@@ -261,13 +319,20 @@ class Settings:
     embeddings: str
     weights: str
     sections: tuple[str, ...]
+    mha_heads: int | None = None
+    heads_note: str = ""
+    modern: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # opt-in section -> its options
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "d_in": self.d_in, "d_out": self.d_out, "heads": self.heads, "dropout": self.dropout,
             "seed": self.seed, "v2_seed": self.v2_seed, "scale": self.scale,
             "embeddings": self.embeddings, "weights": self.weights, "sections": list(self.sections),
+            "mha_heads": self.heads if self.mha_heads is None else self.mha_heads, "heads_note": self.heads_note,
         }
+        if self.modern:  # only with an opt-in section: the chapter's JSON stays as it was
+            out["modern"] = {sec: dict(opts) for sec, opts in self.modern.items()}
+        return out
 
 
 @dataclass
@@ -279,6 +344,7 @@ class Walkthrough:
     settings    :class:`Settings`
     steps       the recorded steps, in the chapter's order
     section_titles   heading of each section id, in display order
+    absent      steps left out on this input, with why (e.g. the naive softmax when exp overflows)
     """
 
     tokens: tuple[str, ...]
@@ -287,6 +353,7 @@ class Walkthrough:
     settings: Settings
     steps: list[Step]
     section_titles: dict[str, str] = field(default_factory=lambda: dict(SECTION_TITLES))
+    absent: dict[str, str] = field(default_factory=dict)  # steps left out on this input -> why
 
     @property
     def query_label(self) -> str:
@@ -306,11 +373,28 @@ class Walkthrough:
         return seen
 
     def step(self, step_id: str) -> Step:
-        """The step with id ``section.name``; KeyError naming the valid ids otherwise."""
+        """The step with id ``section.name``; KeyError saying why it is absent (an option or a section
+        not selected, :meth:`absent_reason`) or naming the valid ids otherwise."""
         for s in self.steps:
             if s.id == step_id:
                 return s
-        raise KeyError(f"no step {step_id!r}; valid steps: {', '.join(self.step_ids)}")
+        reason = self.absent_reason(step_id)
+        raise KeyError(reason or f"no step {step_id!r}; valid steps: {', '.join(self.step_ids)}")
+
+    def absent_reason(self, step_id: str) -> str | None:
+        """Why a known step id is not recorded here, naming the option that makes it appear; None for a
+        step that is here or an id that exists under no option."""
+        if step_id in self:
+            return None
+        if step_id in self.absent:
+            return f"{step_id} is not recorded: {self.absent[step_id]}"
+        section = step_id.partition(".")[0]
+        if step_id in OPTIONAL_STEPS and (section in self.sections or section == "model"):
+            return f"{step_id} is not recorded with these options: it appears {OPTIONAL_STEPS[step_id]}"
+        if section in ALL_SECTIONS and section not in self.sections and "model" not in self.sections:
+            return (f"{step_id}: section {section!r} is not selected by --section "
+                    f"(selected: {', '.join(s for s in self.sections if s != 'input')})")
+        return None
 
     def __contains__(self, step_id: object) -> bool:
         return any(s.id == step_id for s in self.steps)

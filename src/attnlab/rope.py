@@ -1,0 +1,105 @@
+"""Rotary position embeddings (RoPE), Llama's rotate-half convention.
+
+RoPE encodes a token's position by rotating its query and key vectors: the feature pairs
+``(x[i], x[i + hd/2])`` of a head are turned by the angle ``position * base ** (-2i / hd)``. A score
+``q_m . k_n`` then depends on the positions only through ``m - n`` (tested), which is why a cache can
+store already-rotated keys and new queries only need their own position (the *offset*).
+
+This is the convention of Llama (Hugging Face ``rotate_half``) and of the book's Llama-from-scratch
+bonus code (``compute_rope``): ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = (-x2, x1)``.
+
+The hook for another positional scheme
+--------------------------------------
+:class:`~attnlab.modules.MultiHeadAttention` calls whatever it is given as ``rope=`` as::
+
+    queries, keys = rope(queries, keys, positions)
+
+with ``queries`` (B, H, T_q, hd), ``keys`` (B, H_kv, T_q, hd) (the *new* tokens' keys, before they are
+cached) and ``positions`` a LongTensor (T_q,) of the tokens' absolute positions (counted from 0 at the
+start of the sequence; with a cache, the cached tokens come first; with context parallelism, the rank's
+global positions). Any callable (or ``nn.Module``) with this signature and shape-preserving results is a
+positional scheme (:class:`PositionalEncoding`); :class:`RotaryEmbedding` is the built-in one.
+
+Shape letters: B batch, H query heads, H_kv key/value heads, T tokens, hd head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PositionalEncoding", "RotaryEmbedding", "apply_rope", "rope_angles", "rotate_half"]
+
+
+@runtime_checkable
+class PositionalEncoding(Protocol):
+    """What ``MultiHeadAttention(rope=...)`` calls: ``(queries, keys, positions) -> (queries, keys)``."""
+
+    def __call__(self, queries: Tensor, keys: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """``(x1, x2) -> (-x2, x1)`` on the last dimension split in halves.  (..., hd) -> (..., hd)"""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (..., hd/2)
+    return torch.cat((-x2, x1), dim=-1)  # (..., hd)
+
+
+def rope_angles(
+    positions: Tensor, head_dim: int, base: float = 10000.0, *, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """``cos`` and ``sin`` of the rotation angles for ``positions`` (any shape P), in ``dtype``.
+
+    Angle of feature pair ``i`` at position ``p``: ``p * base ** (-2i / head_dim)``, duplicated over the two
+    halves (the rotate-half layout).  Returns two tensors of shape (*P, head_dim).
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got head_dim={head_dim}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+    angles = positions.to(dtype)[..., None] * inv_freq  # (*P, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (*P, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (B, H, T, hd) by ``cos``/``sin`` of shape (T, hd) or (B, T, hd); same dtype as ``x``
+    (computed in float32 at least, as Llama does for half precision)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd)
+    work = torch.promote_types(x.dtype, torch.float32)
+    xw = x.to(work)
+    rotated = xw * cos.to(work) + rotate_half(xw) * sin.to(work)  # (B, H, T, hd)
+    return rotated.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embeddings for queries and keys (Llama's rotate-half convention).
+
+    ``RotaryEmbedding(head_dim, base=10000.0)(queries, keys, positions) -> (queries, keys)`` with
+    queries (B, H, T, hd), keys (B, H_kv, T, hd) and positions a LongTensor (T,) or (B, T). Angles are
+    computed from the positions on each call (no table, no maximum length, no shape that depends on the
+    position: a compiled decoding step does not recompile as the position grows). No parameters and no
+    saved buffers, so adding it leaves a ``state_dict`` unchanged.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim >= 2, got head_dim={head_dim!r}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1.0:
+            raise ValueError(f"rope_base must be a number > 1, got {base!r}")
+        self.head_dim, self.base = head_dim, float(base)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base:g}"
+
+    def forward(self, queries: Tensor, keys: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        if queries.shape[-1] != self.head_dim or keys.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"RotaryEmbedding was built for head_dim={self.head_dim}, got queries {tuple(queries.shape)} "
+                f"and keys {tuple(keys.shape)}"
+            )
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        cos, sin = rope_angles(positions, self.head_dim, self.base, dtype=dtype)  # (T, hd) or (B, T, hd)
+        return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)  # (B, H, T, hd), (B, H_kv, T, hd)
