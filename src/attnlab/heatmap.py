@@ -370,7 +370,7 @@ def save_figure(fig: Figure, path: str | Path, *, force: bool = False) -> Path:
 def _section_of(walkthrough: Walkthrough, section: str) -> str:
     """A section name as every command spells it (``all``, ``trainable``, ...; old ones such as
     ``simplified`` too, see :data:`attnlab.explain.SECTION_ALIASES`) -> the walkthrough section drawn."""
-    from attnlab.explain.steps import SECTIONS, resolve_sections
+    from attnlab.explain.steps import ALL_SECTIONS, SECTIONS, resolve_sections
 
     chosen: tuple[str, ...]
     if section in walkthrough.sections or section in SECTIONS:
@@ -380,7 +380,7 @@ def _section_of(walkthrough: Walkthrough, section: str) -> str:
     # an old name standing for several sections (simplified = simple + all): its matrix, the last one
     sec = chosen[-1]
     if sec not in walkthrough.sections:
-        recorded = [s for s in walkthrough.sections if s in SECTIONS]
+        recorded = [s for s in walkthrough.sections if s in ALL_SECTIONS]
         raise ValueError(f"section {section!r} is not recorded in this walkthrough; recorded: "
                          f"{', '.join(recorded) or 'none'}")
     return sec

@@ -25,14 +25,13 @@ Shape letters: B batch, H heads, T tokens in all, T_l = T / P per rank, d head s
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from attnlab.bench.memory import PeakMemory, fix_mmap_threshold
 
 __all__ = ["CPConfig", "CPResult", "expected_bytes", "render_cp_table", "report_dict", "run_cp_bench"]
 
@@ -115,65 +114,9 @@ def _mesh_of(method: str, world: int) -> tuple[int, int]:
     return world // u, u
 
 
-def _fixed_mmap_threshold() -> None:
-    """Make glibc return every freed block of 64 KiB or more to the system at once (``M_MMAP_THRESHOLD``, fixed
-    instead of growing with the largest block freed), so that the resident set follows the live tensors
-    instead of what the allocator keeps cached; done in every process alike, the single one included."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
-        pass  # not glibc: the measurement then includes the allocator's cache
-
-
-class _Peak:
-    """Peak memory of one call above what was there before it: the resident-set high-water mark (reset
-    through ``/proc/self/clear_refs``) on the CPU, ``max_memory_allocated`` on CUDA. The method of
-    :mod:`attnlab.bench.worker`, restated here because importing that module (it preloads torch's
-    compiler stack for its own workers) costs every forked rank seconds."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    @staticmethod
-    def _status_kib(field: str) -> int | None:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith(field + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to hand back
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current VmRSS
-        except OSError:
-            pass  # then VmHWM is the lifetime peak: an over-estimate
-        self.base = (self._status_kib("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
-        hwm = self._status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return max(0, hwm * 1024 - self.base)
-
-
 def _rank_worker(rank: int, world: int, cfg: CPConfig, method: str) -> dict:
     """One rank: build its shards, warm up, time and measure forward and forward+backward."""
-    _fixed_mmap_threshold()
+    fix_mmap_threshold()
     from attnlab.distributed import ContextParallel, track_comm
     from attnlab.flash import flash_attention
 
@@ -219,7 +162,7 @@ def _rank_worker(rank: int, world: int, cfg: CPConfig, method: str) -> dict:
     out: dict = {"rank": rank}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         _barrier(method)
-        meter = _Peak(device)
+        meter = PeakMemory(device)
         meter.start()
         fn()  # the memory call, also a warm-up
         peak = meter.peak_bytes()

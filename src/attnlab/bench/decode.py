@@ -255,7 +255,7 @@ def run_decode(
     on_step: Callable[[], None] | None = None,
 ) -> DecodeReport:
     """Build each variant's decoder and generate with and without the cache."""
-    from attnlab.bench.worker import _CpuPeak, _CudaPeak
+    from attnlab.bench.memory import PeakMemory
 
     unknown = [v for v in cfg.variants if v not in VARIANT_NAMES]
     if unknown or not cfg.variants:
@@ -284,7 +284,7 @@ def run_decode(
         generate(model, prompt, 2, cached=False)
         results: dict[bool, tuple] = {}
         for cached in (False, True):
-            peak = _CudaPeak(device) if device.type == "cuda" else _CpuPeak()
+            peak = PeakMemory(device)
             peak.start()
             run = generate(model, prompt, cfg.new_tokens, cached=cached, on_step=on_step)
             results[cached] = (*run, peak.peak_bytes())

@@ -24,9 +24,6 @@ Shape letters: B batch, T tokens, d width (d_in = d_out), N the matmul size.
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import resource
 import sys
 import time
 import warnings
@@ -37,6 +34,7 @@ import torch
 import torch.fx.experimental.symbolic_shapes  # imported once in the fork server, not by each
 import torch.nn.attention.flex_attention  # worker at its first call (seconds each)
 
+from attnlab.bench.memory import PeakMemory
 from attnlab.modules import MultiHeadAttention
 from attnlab.variants import VARIANTS, VariantUnavailableError
 
@@ -48,67 +46,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory
-# --------------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class _CpuPeak:
-    """Resident-set high-water mark of this process above a baseline (see the module docstring)."""
-
-    def start(self) -> None:
-        gc.collect()
-        _malloc_trim()
-        self.exact = False
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current VmRSS
-            self.exact = _proc_status_kib("VmHWM") is not None
-        except OSError:
-            pass
-        rss = _proc_status_kib("VmRSS")
-        self.base_kib = rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    def peak_bytes(self) -> int:
-        hwm = _proc_status_kib("VmHWM") if self.exact else None
-        if hwm is None:
-            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return max(0, hwm - self.base_kib) * 1024
-
-
-class _CudaPeak:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def start(self) -> None:
-        gc.collect()
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.base = torch.cuda.memory_allocated(self.device)
-
-    def peak_bytes(self) -> int:
-        torch.cuda.synchronize(self.device)
-        return max(0, torch.cuda.max_memory_allocated(self.device) - self.base)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,7 +152,7 @@ def _measure_variant(cfg: dict[str, Any], name: str, conn) -> dict[str, Any]:
             raise
         conn.send(("tick", None))
 
-    peak = _CudaPeak(device) if device.type == "cuda" else _CpuPeak()
+    peak = PeakMemory(device)
     peak.start()
     times = []
     for _ in range(cfg["repeats"]):

@@ -67,9 +67,9 @@ def add_model_arguments(
 def add_section_argument(group: argparse._ArgumentGroup, *, many: bool, dest: str = "section",
                          default: str | None = None, help_tail: str = "") -> None:
     """``--section``: one name (``many=False``) or several, as ``attnlab explain`` spells them."""
-    from attnlab.explain import SECTION_ALIASES, SECTIONS
+    from attnlab.explain import ALL_SECTIONS, SECTION_ALIASES
 
-    names = ", ".join(SECTIONS)
+    names = ", ".join(ALL_SECTIONS)
     old = ", ".join(sorted(SECTION_ALIASES))
     if many:
         group.add_argument("--section", dest=dest, nargs="+", metavar="NAME", default=default,
@@ -77,7 +77,7 @@ def add_section_argument(group: argparse._ArgumentGroup, *, many: bool, dest: st
                                 + help_tail)
     else:
         group.add_argument("--section", dest=dest, metavar="NAME", default=default,
-                           help=f"one of {names} (default {default}; old names {old} are accepted)" + help_tail)
+                           help=f"one of {names} (default {default or 'all'}; old names {old} are accepted)" + help_tail)
 
 
 def sections_from_args(args: argparse.Namespace, values: str | list[str] | None) -> tuple[str, ...] | None:
