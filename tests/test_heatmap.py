@@ -16,6 +16,7 @@ from attnlab.explain import explain
 from attnlab.explain.steps import fmt
 from attnlab.heatmap import check_output_path, heatmap_figure, save_figure, walkthrough_figure
 from attnlab.maps import masked_cells, weights_step
+from fakes import fake_attention_maps
 
 TOKENS = ("Your", "journey", "starts", "with", "one", "step")
 
@@ -348,14 +349,7 @@ def test_cli_model_long_text_warns_in_one_line(tmp_path, capsys, monkeypatch):
 
 
 def _fake_maps(layers: int, heads: int, t: int):
-    from attnlab.pretrained import AttentionMaps
-
-    rng = np.random.default_rng(t)
-    scores = rng.normal(0, 2, (layers, heads, t, t))
-    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)  # (L, H, T, T), rows sum to 1
-    tokens = ["[CLS]", *[f"w{i}" for i in range(t - 2)], "[SEP]"]
-    return AttentionMaps(text=" ".join(tokens[1:-1]), tokens=tokens, token_ids=list(range(t)),
-                         weights=weights.astype(np.float32), truncated=True)
+    return fake_attention_maps(layers, heads, t, truncated=True)
 
 
 def test_every_layer_and_head_of_256_tokens_is_capped_and_thinned():

@@ -17,6 +17,7 @@ from attnlab.explain import explain
 from attnlab.explain.steps import fmt
 from attnlab.report import model_report_data, render_html, render_page, report_data, write_report
 from attnlab.report.codec import decode, decode_bits, encode
+from fakes import fake_attention_maps
 
 MAX_BYTES = 2 * 1024 * 1024
 
@@ -203,19 +204,8 @@ def test_large_inputs_are_small_and_carry_no_pre_written_hover():
     assert _same(_values(data, "causal.weights_masked"), walk.step("causal.weights_masked").values)
 
 
-def _fake_maps(layers: int, heads: int, t: int, truncated: bool = False):
-    from attnlab.pretrained import AttentionMaps
-
-    rng = np.random.default_rng(t)
-    scores = rng.normal(0, 2, (layers, heads, t, t))
-    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)  # float64 reference: rows sum to 1
-    tokens = ["[CLS]", *[f"w{i}" for i in range(t - 2)], "[SEP]"] if t >= 2 else ["[CLS]"]
-    return AttentionMaps(text=" ".join(tokens[1:-1]), tokens=tokens, token_ids=list(range(t)),
-                         weights=weights.astype(np.float32), truncated=truncated)
-
-
 def test_model_maps_compact_exact_and_narrowed():
-    maps = _fake_maps(3, 4, 37, truncated=True)
+    maps = fake_attention_maps(3, 4, 37, truncated=True)
     data = model_report_data(maps)
     step = data["steps"]["model.weights"]
     assert step["shape"] == [3, 4, 37, 37] and step["labels"][:2] == [["1", "2", "3"], ["1", "2", "3", "4"]]
@@ -235,7 +225,7 @@ def test_model_maps_compact_exact_and_narrowed():
 
 def test_model_page_size_at_real_length():
     """6 layers x 12 heads of 256 tokens: the old page was 143 MB; the target is 12 MB."""
-    maps = _fake_maps(6, 12, 256)
+    maps = fake_attention_maps(6, 12, 256)
     weights = np.asarray(maps.weights)
     weights[weights < 0.002] = weights[weights < 0.002] / 5  # real heads are peaky: most weights are tiny
     page = render_page(maps)
@@ -390,7 +380,7 @@ def test_cli_model_query_layer_head(tmp_path, capsys, monkeypatch):
     import importlib
 
     model = importlib.import_module("attnlab.explain.model")  # (attnlab.explain is also a function)
-    maps = _fake_maps(6, 12, 9)
+    maps = fake_attention_maps(6, 12, 9)
     maps.tokens[2] = "cat"
     monkeypatch.setattr(model, "attention_maps", lambda text, model="minilm": maps)
     out = tmp_path / "m.html"

@@ -24,6 +24,7 @@ import pytest
 from attnlab.cli import main
 from attnlab.explain import explain
 from attnlab.report import render_html
+from fakes import fake_attention_maps
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -301,14 +302,7 @@ LONG = 256
 
 
 def _fake_maps(layers: int, heads: int, t: int):
-    from attnlab.pretrained import AttentionMaps
-
-    rng = np.random.default_rng(t)
-    scores = rng.normal(0, 2, (layers, heads, t, t))
-    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)  # (L, H, T, T), rows sum to 1
-    tokens = ["[CLS]", *[f"w{i}" for i in range(t - 2)], "[SEP]"]
-    return AttentionMaps(text=" ".join(tokens[1:-1]), tokens=tokens, token_ids=list(range(t)),
-                         weights=weights.astype(np.float32), truncated=True)
+    return fake_attention_maps(layers, heads, t, truncated=True)
 
 
 @pytest.fixture(scope="module")

