@@ -242,7 +242,8 @@ def resolve(
 ) -> str:
     """The backend that runs a call: ``backend`` itself, or for ``"auto"`` the fastest exact one
     (see the module docstring). ``device`` is the device of the call (default CPU). The choice depends on
-    the call's arguments and device only, never on tensor values."""
+    the call's arguments and device only, never on tensor values. (The keywords of earlier versions,
+    ``mask``, ``causal``, ``t_q``, ``t_k``, are still accepted and no longer matter.)"""
     if backend not in BACKENDS and backend != "auto":
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
     if need_weights:

@@ -60,8 +60,7 @@ class MultiHeadLatentAttention(nn.Module):
         _check_heads(d_out, num_heads)
         latent_dim = max(16, d_out // 8) if latent_dim is None else latent_dim
         _check_positive_int("latent_dim", latent_dim)
-        backends.resolve(backend, mask=None, causal=False, t_q=1, t_k=1, dropout_p=0.0, training=False,
-                         need_weights=False)  # validates the name
+        backends.resolve(backend)  # validates the name
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.num_heads, self.head_dim, self.latent_dim = num_heads, d_out // num_heads, latent_dim
         self.causal, self.backend = causal, backend

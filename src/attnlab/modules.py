@@ -292,8 +292,7 @@ class MultiHeadAttention(nn.Module):
             _check_positive_int(name, value)
         _check_dropout(dropout)
         _check_heads(d_out, num_heads)
-        backends.resolve(backend, mask=None, causal=False, t_q=1, t_k=1, dropout_p=0.0, training=False,
-                         need_weights=False)  # validates the name
+        backends.resolve(backend)  # validates the name
         num_kv_groups = _check_modern_options(num_heads, causal, num_kv_groups, window_size, context_parallel)
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.num_heads = num_heads
