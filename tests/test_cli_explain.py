@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from attnlab.cli import main
+from tolerances import printed_atol
 
 SCRIPT = Path(sys.executable).with_name("attnlab")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "attnlab"]
@@ -230,8 +231,9 @@ def test_json_format(runs):
     assert steps["trainable.scores"]["values"][0] == [4, 5, 3]
     assert steps["trainable.keys"]["values"][2] == [1, 1]
     assert steps["trainable.scores"]["labels"] == [["The", "cat", "sat"]] * 2
-    np.testing.assert_allclose(steps["trainable.weights"]["values"][0], [0.2447, 0.6652, 0.0900], atol=1e-4)
-    np.testing.assert_allclose(steps["trainable.context"]["values"][0], [1.2447, 1.0900], atol=1e-4)
+    book = printed_atol(4, n=3 + 2 + 3, scale=2.0)  # printed at 4 decimals; d_in 3, d_out 2, 3 tokens
+    np.testing.assert_allclose(steps["trainable.weights"]["values"][0], [0.2447, 0.6652, 0.0900], atol=book, rtol=0)
+    np.testing.assert_allclose(steps["trainable.context"]["values"][0], [1.2447, 1.0900], atol=book, rtol=0)
     (chk,) = data["checks"]
     assert chk["step"] == "trainable.scores" and chk["ok"] is False
     assert chk["first_mismatch"]["index"] == [0, 2] and chk["first_mismatch"]["actual"] == 3

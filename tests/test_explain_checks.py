@@ -21,6 +21,10 @@ from attnlab.cli import build_parser, main
 from attnlab.explain import SECTIONS, check, explain, parse_expect, resolve_sections
 from attnlab.explain.check import format_results
 from attnlab.explain.mistakes import CATALOGUE, mistake_configs, right_config, wrong_values
+from tolerances import tols
+
+# tests/tolerances.py for the toy example recomputed another way: d_in 3, d_out <= 3, 6 tokens, out_proj
+TOY = tols(torch.float32, 3 + 3 + 6 + 3, scale=2.0)
 
 CAT_SAT_X = [[1, 0, 1], [0, 1, 1], [1, 1, 0]]
 CAT_SAT_W = {"W_query": [[1, 0], [0, 1], [1, 1]], "W_key": [[0, 1], [1, 0], [1, 1]],
@@ -200,7 +204,10 @@ def test_every_catalogue_entry_is_named_from_numbers_made_by_that_mistake(book, 
                             "trainable.scores=4,5,1")
     assert results[0].mistake == "follows_from_yours" and "fix trainable.scores first" in text
     named.add("follows_from_yours")
-    assert named == set(CATALOGUE)
+    # issue 19 added mistakes, each made for real at 2, 3 and 4 decimals in tests/test_checker_decimals.py
+    assert set(CATALOGUE) - named <= {"scaled_by_sqrt_d_in", "scaled_by_sqrt_d_model", "another_query",
+                                      "keys_from_query_weights", "mask_with_zero", "heads_split_wrong",
+                                      "heads_concat_wrong"}
 
 
 def test_right_numbers_are_never_named_and_unknown_errors_are_not_guessed(book):
@@ -214,7 +221,7 @@ def test_the_right_config_reproduces_every_recorded_step(book, square, cat_sat):
     for walk in (book, square, cat_sat, explain(scale=False, query="one")):
         for sec in ("simple", "all", "trainable", "causal"):
             for step_id, values in wrong_values(walk, sec, right_config(walk, sec)).items():
-                np.testing.assert_allclose(values, arr(walk, step_id), atol=1e-5, err_msg=step_id)
+                np.testing.assert_allclose(values, arr(walk, step_id), **TOY, err_msg=step_id)
             assert {m for m, _ in mistake_configs(walk, sec)} <= set(CATALOGUE)
 
 
@@ -242,7 +249,7 @@ def test_exercise_3_2_wrapper_with_outputs_of_width_1():
     torch.manual_seed(123)
     ref = modules.MultiHeadAttentionWrapper(3, 1, 6, 0.0, num_heads=2)(torch.stack((torch.tensor(
         walk.step("input.embeddings").values),) * 2))[0]
-    np.testing.assert_allclose(out, ref.detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(out, ref.detach().numpy(), **TOY)
     assert walk.settings.mha_heads == 1 and "MultiHeadAttention uses 1 head" in walk.settings.heads_note
     assert walk.step("multihead.mha_output").shape == (6, 1)
     assert main(["explain", "--d-out", "1", "--section", "multihead", "--format", "json"]) == 0
@@ -291,7 +298,7 @@ def test_seeded_formulas_recompute_their_numbers(kwargs):
               **{n: getattr(modules, n) for n in modules.__all__}}
         with torch.no_grad():
             got = _run_formula(step.formula, ns)
-        np.testing.assert_allclose(got.detach().numpy(), step.values, atol=1e-6, err_msg=step.formula)
+        np.testing.assert_allclose(got.detach().numpy(), step.values, **TOY, err_msg=step.formula)
         ran.append(step.id)
     assert {"trainable.W_key", "trainable.W_value", "causal.W_key", "multihead.W_out", "causal.output"} <= set(ran)
     assert walk.step("trainable.W_key").formula.endswith(f"W_key = torch.rand(3, {walk.settings.d_out})")

@@ -1,7 +1,8 @@
 """attnlab.explain.model and ``attnlab explain --model``: one head of all-MiniLM-L6-v2, step by step.
 
 The walkthrough must hold the encoder's own numbers (compared exactly with ``load_encoder("minilm")``),
-and, independently, the numbers of transformers' BertModel (eager attention) to 1e-5. The encoder is
+and, independently, the numbers of transformers' BertModel (eager attention) within tests/tolerances.py's
+bound. The encoder is
 loaded once for the module; the console-script runs start at once in a thread pool (each is a fresh
 process that imports torch) and the tests read their results.
 """
@@ -20,6 +21,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("safetensors", reason="needs pip install 'attnlab[models]'")
 pytest.importorskip("tokenizers", reason="needs pip install 'attnlab[models]'")
@@ -30,6 +32,7 @@ from attnlab.explain import Walkthrough
 from attnlab.explain.model import ModelWalkthrough, explain_model, get_encoder
 from attnlab.explain.render_markdown import to_markdown
 from attnlab.explain.render_text import to_text
+from tolerances import assert_close, attention_scale
 
 TEXT = "The cat sat on the mat because the cat was tired."
 LAYER, HEAD = 3, 5  # 1-based, as on the command line
@@ -105,6 +108,21 @@ def maps(encoder):
     return encoder.attention(TEXT)
 
 
+# tests/tolerances.py's n for MiniLM (d = 384, head dim 32, FFN 1536): the attention weights of a layer
+# chain the query/key projection (384), the scores (32) and the softmax (T); a whole layer adds the output
+# projection (384), two LayerNorms (384 each) and the feed-forward (384, then 1536).
+WEIGHTS_N = 384 + 32
+LAYER_N = 384 + 32 + 384 + 2 * 384 + 384 + 1536
+
+
+def close_weights(actual, expected, encoder, text, layers, extra_n=0):
+    """Attention weights within the bound: n = WEIGHTS_N + T (+ extra_n for earlier layers computed apart),
+    scale = the largest |q| |k| / sqrt(32) over the heads of ``layers`` (0-based)."""
+    steps = [encoder.layer_steps(text, layer) for layer in layers]
+    scale = max(attention_scale(s.queries, s.keys) for s in steps)
+    assert_close(np.asarray(actual), np.asarray(expected), n=WEIGHTS_N + steps[0].x.shape[0] + extra_n, scale=scale)
+
+
 # --------------------------------------------------------------------------------------------------
 # The numbers are the encoder's
 # --------------------------------------------------------------------------------------------------
@@ -124,18 +142,17 @@ def test_steps_and_labels(walk, maps):
     assert walk.section_titles["model"].startswith(f"MiniLM layer {LAYER}, head {HEAD}")
 
 
-def test_weights_equal_the_encoders_attention(walk, maps):
+def test_weights_equal_the_encoders_attention(walk, maps, encoder):
     # attention() runs the module's fused path, layer_steps() the steps one by one: float32 rounding apart
-    np.testing.assert_allclose(walk.step("model.weights").values, maps.weights[LAYER - 1, HEAD - 1].numpy(),
-                               atol=1e-6)
-    np.testing.assert_allclose(walk.step("model.head_weights").values, maps.weights[LAYER - 1].numpy(),
-                               atol=1e-6)
+    # (the layer's input is the same on both paths: only this layer's reductions differ)
+    close_weights(walk.step("model.weights").values, maps.weights[LAYER - 1, HEAD - 1], encoder, TEXT, [LAYER - 1])
+    close_weights(walk.step("model.head_weights").values, maps.weights[LAYER - 1], encoder, TEXT, [LAYER - 1])
 
 
 def test_every_step_equals_layer_steps(walk, encoder):
     ls = encoder.layer_steps(TEXT, LAYER - 1, HEAD - 1)  # attnlab.pretrained counts from 0
     names = ("x", "W_query", "W_key", "W_value", "queries", "keys", "values", "scores", "weights", "context")
-    for name in names:
+    for name in names:  # exact: the walkthrough records layer_steps' own tensors (a copy, no arithmetic)
         np.testing.assert_array_equal(walk.step(f"model.{name}").values, getattr(ls, name).detach().numpy(),
                                       err_msg=name)
     for wname, bias in (("W_query", ls.b_query), ("W_key", ls.b_key), ("W_value", ls.b_value)):
@@ -149,10 +166,15 @@ def test_steps_agree_with_each_other(walk):
     s = {n: walk.step(f"model.{n}").values.astype(np.float64) for n in
          ("x", "W_query", "queries", "keys", "values", "scores", "weights", "context")}
     bias = walk.step("model.W_query").extra["bias"]
-    np.testing.assert_allclose(s["x"] @ s["W_query"] + bias, s["queries"], atol=1e-4)
-    np.testing.assert_allclose(s["queries"] @ s["keys"].T / np.sqrt(32), s["scores"], atol=1e-4)
-    np.testing.assert_allclose(s["weights"].sum(axis=-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(s["weights"] @ s["values"], s["context"], atol=1e-5)
+    t = s["x"].shape[0]
+    # float64 recomputation from the recorded float32 inputs: each check is one float32 step's bound
+    assert_close(s["x"] @ s["W_query"] + bias, s["queries"], n=384, dtype=torch.float32,
+                 scale=float((np.abs(s["x"]) @ np.abs(s["W_query"])).max() + np.abs(bias).max()))
+    assert_close(s["queries"] @ s["keys"].T / np.sqrt(32), s["scores"], n=32, dtype=torch.float32,
+                 scale=attention_scale(torch.tensor(s["queries"]), torch.tensor(s["keys"])))
+    assert_close(s["weights"].sum(axis=-1), np.ones(s["weights"].shape[0]), n=t, dtype=torch.float32)
+    assert_close(s["weights"] @ s["values"], s["context"], n=t, dtype=torch.float32,
+                 scale=float(np.abs(s["values"]).max()))
 
 
 def test_against_transformers_bert_eager(walk, maps, encoder):
@@ -165,25 +187,27 @@ def test_against_transformers_bert_eager(walk, maps, encoder):
     with torch.no_grad():
         out = bert(torch.tensor([maps.token_ids]), output_attentions=True, output_hidden_states=True)
     expected = out.attentions[LAYER - 1][0, HEAD - 1].numpy()
-    np.testing.assert_allclose(walk.step("model.weights").values, expected, atol=1e-5)
-    np.testing.assert_allclose(walk.step("model.head_weights").values, out.attentions[LAYER - 1][0].numpy(),
-                               atol=1e-5)
-    np.testing.assert_allclose(walk.step("model.x").values, out.hidden_states[LAYER - 1][0].numpy(),
-                               atol=1e-4)  # hidden states are up to ~10 in size
+    # another implementation from the embeddings on: the LAYER - 1 layers before add their reductions
+    before = (LAYER - 1) * LAYER_N + 384  # and the embeddings' LayerNorm
+    close_weights(walk.step("model.weights").values, expected, encoder, TEXT, [LAYER - 1], extra_n=before)
+    close_weights(walk.step("model.head_weights").values, out.attentions[LAYER - 1][0], encoder, TEXT,
+                  [LAYER - 1], extra_n=before)
+    t = len(maps.token_ids)
+    assert_close(walk.step("model.x").values, out.hidden_states[LAYER - 1][0], n=before + t)  # scale: max|x| ~ 10
 
 
 def test_defaults_last_layer_head_1_second_token(encoder):
     w = explain_model("The cat sat.", encoder=encoder)
     assert (w.layer, w.head, w.query) == (6, 1, 1)
     expected = encoder.attention("The cat sat.").weights[5, 0].numpy()
-    np.testing.assert_allclose(w.step("model.weights").values, expected, atol=1e-6)
+    close_weights(w.step("model.weights").values, expected, encoder, "The cat sat.", [5])
     assert explain_model("The cat sat.", query="The", encoder=encoder).query_label == "the"  # lower-cased
 
 
 def test_all_layers(encoder):
     w = explain_model("The cat sat.", encoder=encoder, all_layers=True)
     expected = encoder.attention("The cat sat.").weights.numpy()
-    np.testing.assert_allclose(w.step("model.layer_weights").values, expected, atol=1e-6)
+    close_weights(w.step("model.layer_weights").values, expected, encoder, "The cat sat.", range(6))
     assert w.step("model.layer_weights").axes == ("layer", "head", "query", "key")
 
 

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnlab.flash import count_tiles, flash_attention, tile_plan
+from tolerances import abs_tol, assert_close, tols
 
 SMALL_BLOCKS = {"block_q": 16, "block_k": 32}
 DEFAULT_BLOCKS: dict[str, int] = {}
@@ -64,6 +65,14 @@ def run_flash(q, k, v, grad_out, **kwargs):
     return out.detach(), dq, dk, dv
 
 
+def reduction_lengths(q, k, v):
+    """(n for the output, n for the gradients) in tests/tolerances.py's bound: the output sums d (scores),
+    then T_k (softmax sum, weighted sum); the backward adds d_v (dP = dO V^T, D = rowsum(dO * O)) and T_q
+    (dK, dV sum over the queries)."""
+    d, d_v, t_q, t_k = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
+    return d + t_k, d + d_v + t_q + t_k
+
+
 def make_inputs(lead, t_q, t_k, d=16, d_v=12, dtype=torch.float64, seed=0, std=1.0):
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(*lead, t_q, d, generator=g, dtype=torch.float64) * std).to(dtype)
@@ -108,11 +117,12 @@ def test_matches_float64_sdpa(t_q, t_k, causal, padded, blocks):
     for t in (out, dq, dk, dv):
         assert torch.isfinite(t).all()
     # rows with at least one allowed key: equal to torch
-    torch.testing.assert_close(out[has_key], ref_out[has_key], rtol=0, atol=1e-10)
-    torch.testing.assert_close(dq[has_key], ref_dq[has_key], rtol=0, atol=1e-9)
-    torch.testing.assert_close(dk, ref_dk, rtol=0, atol=1e-9)
-    torch.testing.assert_close(dv, ref_dv, rtol=0, atol=1e-9)
-    # rows with no allowed key: exactly zero output and zero gradient
+    n_out, n_grad = reduction_lengths(q, k, v)  # float64 bounds
+    assert_close(out[has_key], ref_out[has_key], n=n_out)
+    assert_close(dq[has_key], ref_dq[has_key], n=n_grad)
+    assert_close(dk, ref_dk, n=n_grad)
+    assert_close(dv, ref_dv, n=n_grad)
+    # rows with no allowed key: exactly zero output and zero gradient (exact: 0 by definition, not rounding)
     assert torch.equal(out[~has_key], torch.zeros_like(out[~has_key]))
     assert torch.equal(dq[~has_key], torch.zeros_like(dq[~has_key]))
     if padded:
@@ -141,11 +151,11 @@ def test_property_any_shape_and_blocks(t_q, t_k, block_q, block_k, causal, per_h
     ref_out, ref_dq, ref_dk, ref_dv, has_key = reference(q, k, v, go, causal=causal, key_padding_mask=kpm)
     out, dq, dk, dv = run_flash(q, k, v, go, causal=causal, key_padding_mask=kpm,
                                 block_q=block_q, block_k=block_k)
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
-    torch.testing.assert_close(dq, ref_dq, rtol=0, atol=1e-9)
-    torch.testing.assert_close(dk, ref_dk, rtol=0, atol=1e-9)
-    torch.testing.assert_close(dv, ref_dv, rtol=0, atol=1e-9)
-    assert torch.equal(out[~has_key], torch.zeros_like(out[~has_key]))
+    n_out, n_grad = reduction_lengths(q, k, v)  # float64 bounds
+    assert_close(out, ref_out, n=n_out)
+    for got, want in ((dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        assert_close(got, want, n=n_grad)
+    assert torch.equal(out[~has_key], torch.zeros_like(out[~has_key]))  # exact: no keys gives 0 by definition
 
 
 def test_custom_scale_and_no_leading_dims():
@@ -153,8 +163,9 @@ def test_custom_scale_and_no_leading_dims():
     ref_out, ref_dq, ref_dk, ref_dv, _ = reference(q, k, v, go, scale=0.37)
     out, dq, dk, dv = run_flash(q, k, v, go, scale=0.37, block_q=8, block_k=16)
     assert out.shape == (37, 4)
-    for got, want in ((out, ref_out), (dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    n_out, n_grad = reduction_lengths(q, k, v)  # float64 bounds
+    for got, want, n in ((out, ref_out, n_out), (dq, ref_dq, n_grad), (dk, ref_dk, n_grad), (dv, ref_dv, n_grad)):
+        assert_close(got, want, n=n)
 
 
 def test_padding_mask_broadcasts_over_three_leading_dims():
@@ -165,8 +176,9 @@ def test_padding_mask_broadcasts_over_three_leading_dims():
     kpm[1, :7] = True
     ref_out, *_ = reference(q, k, v, go, key_padding_mask=kpm)
     out = flash_attention(q, k, v, key_padding_mask=kpm, block_q=8, block_k=8)
-    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    assert_close(out, ref_out, n=reduction_lengths(q, k, v)[0])
     full = kpm.reshape(2, 1, 1, 30).expand(*lead, 30)
+    # exact: the broadcast mask and the expanded one select the same tiles, same operations in the same order
     assert torch.equal(flash_attention(q, k, v, key_padding_mask=full, block_q=8, block_k=8), out)
 
 
@@ -181,9 +193,10 @@ def test_float32_close_to_float64(causal):
     ref_out, ref_dq, ref_dk, ref_dv, _ = reference(q, k, v, go, causal=causal)
     out, dq, dk, dv = run_flash(q.float(), k.float(), v.float(), go.float(), causal=causal)
     assert out.dtype == dq.dtype == torch.float32
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=2e-6)
+    n_out, n_grad = reduction_lengths(q, k, v)  # float32 bounds (the float64 reference's error is negligible)
+    assert_close(out, ref_out, n=n_out)
     for got, want in ((dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-5)
+        assert_close(got, want, n=n_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -199,9 +212,13 @@ def test_half_precision_with_huge_scores_stays_finite(dtype, causal):
     assert out.dtype == dq.dtype == dk.dtype == dv.dtype == dtype
     for t in (out, dq, dk, dv):
         assert torch.isfinite(t).all()
-    tol = 1e-2 if dtype == torch.float16 else 4e-2  # one rounding of the float32 result
-    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
-    torch.testing.assert_close(dv.double(), ref_dv, rtol=tol, atol=tol)
+    # Scores in the thousands make the weights one-hot, so the float32 math's error is relative to the size
+    # of the result (n = d + T_k, or T_q for dv); then one rounding of the float32 result to dtype.
+    n_out, _ = reduction_lengths(q, k, v)
+    for got, want, n in ((out, ref_out, n_out), (dv, ref_dv, q.shape[-2])):
+        size = max(1.0, float(want.abs().max()))
+        bound = abs_tol(torch.float32, n, scale=size) + abs_tol(dtype, 0, ops=1, scale=size)
+        torch.testing.assert_close(got.double(), want, rtol=tols(dtype, 0, ops=1)["rtol"], atol=bound)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +271,7 @@ def test_bit_identical_over_runs(dropout_p):
     runs = [run_flash(q, k, v, go, causal=True, key_padding_mask=kpm, dropout_p=dropout_p, seed=7)
             for _ in range(2)]
     for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # exact: what is tested is bit-for-bit determinism (same inputs, same seed)
 
 
 def _dropout_mask(t_q, t_k, lead, p, seed, causal=False, **blocks):
@@ -272,14 +289,14 @@ def test_dropout_rate_scaling_and_reproducibility():
     kept = z != 0
     assert abs((~kept).double().mean().item() - p) < 0.01
     # every kept probability 1/512 is scaled by 1/(1-p)
-    torch.testing.assert_close(z[kept], torch.full_like(z[kept], 1 / (t * (1 - p))), rtol=1e-14, atol=0)
-    assert torch.equal(z, _dropout_mask(t, t, (4,), p, seed=123))
+    assert_close(z[kept], torch.full_like(z[kept], 1 / (t * (1 - p))), n=t, scale=0.0)  # float64, T_k = t
+    assert torch.equal(z, _dropout_mask(t, t, (4,), p, seed=123))  # exact: same seed, same computation
     assert not torch.equal(z, _dropout_mask(t, t, (4,), p, seed=124))
     # seed=None draws from torch's global generator
     torch.manual_seed(0)
     a = _dropout_mask(64, 64, (2,), p, seed=None)
     torch.manual_seed(0)
-    assert torch.equal(a, _dropout_mask(64, 64, (2,), p, seed=None))
+    assert torch.equal(a, _dropout_mask(64, 64, (2,), p, seed=None))  # exact: same seed, same computation
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -295,9 +312,10 @@ def test_dropout_forward_and_backward_use_the_same_mask(causal):
     ref = (torch.softmax(s, dim=-1) * keep / (1 - p)) @ vr
     ref_grads = torch.autograd.grad(ref, (qr, kr, vr), go)
     out, *grads = run_flash(q, k, v, go, causal=causal, dropout_p=p, seed=seed, **blocks)
-    torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-10)
+    n_out, n_grad = reduction_lengths(q, k, v)  # float64 bounds
+    assert_close(out, ref.detach(), n=n_out, scale=1 / (1 - p))  # the kept weights are scaled by 1 / (1 - p)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+        assert_close(got, want, n=n_grad, scale=max(1.0, float(want.abs().max())) / (1 - p))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -336,8 +354,8 @@ VALIDATION_CASES = [
     (lambda q, k, v: (q, k, v.double()), {}, TypeError,
      r"v must have the same dtype as q \(torch.float32\), got torch.float64"),
     (lambda q, k, v: (q[0, 0, 0], k, v), {}, ValueError, r"q must have at least 2 dims .* got shape \(4,\)"),
-    (lambda q, k, v: (q, k[:1], v), {}, ValueError,
-     r"k must have the same leading dims as q, expected \(2, 3\), got \(1, 3\)"),
+    (lambda q, k, v: (q, torch.cat([k, k[:1]]), v), {}, ValueError,  # batch 3 vs 2 (batch 1 broadcasts)
+     r"k must have the leading dims of q, expected \(2, 3\) .* got \(3, 3\) \(k.shape=\(3, 3, 9, 4\), q.shape"),
     (lambda q, k, v: (q, k[..., :3], v), {}, ValueError,
      r"k must have the feature dim of q, expected k.shape\[-1\]=4, got 3"),
     (lambda q, k, v: (q, k, v[..., :5, :]), {}, ValueError,
@@ -448,12 +466,13 @@ def test_batch_split_over_threads_matches_single_thread():
         torch.set_num_threads(1)
     n_tiles = len(tile_plan(97, 130, causal=True, block_q=32, block_k=32))
     assert counts == {"forward": n_tiles, "backward": n_tiles}  # each tile counted once
-    for a, b in zip(single, split):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    n_out, n_grad = reduction_lengths(q, k, v)  # float64 bounds
+    for a, b, n in zip(single, split, (n_out, n_grad, n_grad, n_grad)):
+        assert_close(b, a, n=n)
         assert not b.requires_grad  # the workers record no autograd graph
     ref = reference(q, k, v, go, causal=True, key_padding_mask=kpm)
-    for got, want in zip(split, ref[:4]):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    for got, want, n in zip(split, ref[:4], (n_out, n_grad, n_grad, n_grad)):
+        assert_close(got, want, n=n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,9 +532,12 @@ def random_documents(b, t, seed, max_len=40):
 
 
 def assert_matches(got, want):
-    for a, w, tol in zip(got, want, (1e-10, 1e-9, 1e-9, 1e-9)):
+    """(out, dq, dk, dv) against the float64 reference: the output with n = d + T_k, the gradients with
+    n = d + d_v + T_q + T_k (reduction_lengths; dk / dv have the shapes of k / v, so read them off got)."""
+    d, t_q, d_v, t_k = got[1].shape[-1], got[1].shape[-2], got[3].shape[-1], got[2].shape[-2]  # dq: (.., T_q, d)
+    for a, w, n in zip(got, want, (d + t_k, d + d_v + t_q + t_k, d + d_v + t_q + t_k, d + d_v + t_q + t_k)):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, w, rtol=0, atol=tol)
+        assert_close(a, w, n=n)
 
 
 MASK_CASES = [
@@ -555,7 +577,7 @@ def test_masks_match_float64_sdpa_with_the_explicit_mask(t_q, t_k, case, groups)
     assert got[0].shape == (b, h, t_q, 6) and got[2].shape == k.shape and got[3].shape == v.shape
     assert_matches(got, want)
     empty = ~allowed.any(-1)  # (B, H, T_q)
-    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))
+    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty]))  # exact: no keys gives 0 by definition
 
 
 @settings(max_examples=30, deadline=None)
@@ -655,10 +677,10 @@ def test_forward_with_lse_window_merges_to_the_whole():
     q, k, v, go = gqa_inputs(1, 2, 2, 40, 40, seed=2)
     whole = flash_attention(q, k, v, window=12)
     out, lse = forward_with_lse(q, k, v, window=12)
-    torch.testing.assert_close(out, whole, rtol=0, atol=1e-12)
+    assert_close(out, whole, n=8 + 40)  # d, T_k
     ref = torch.logsumexp((q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(
         ~explicit_allowed(40, 40, b=1, h=2, window=12), -math.inf), dim=-1)
-    torch.testing.assert_close(lse, ref, rtol=0, atol=1e-12)
+    assert_close(lse, ref, n=8 + 40)  # d, T_k
     dq, dk, dv = backward_with_lse(go, q, k, v, out, lse, window=12)
     want = reference_masked(q, k, v, go, explicit_allowed(40, 40, b=1, h=2, window=12))
     assert_matches((out, dq, dk, dv), want)
@@ -675,6 +697,7 @@ def test_empty_inputs_give_zeros_and_zero_gradients(t_q, t_k):
     for kwargs in ({}, {"causal": True}, {"window": 3}):
         out, dq, dk, dv = run_flash(q, k, v, go, **kwargs)
         want = F.scaled_dot_product_attention(q, k, v)  # torch's math kernel: zeros for no keys
+        # exact below: empty inputs or no keys give 0 by definition
         assert out.shape == (2, 3, t_q, 8) and torch.equal(out, torch.zeros_like(out))
         assert torch.equal(out, torch.nan_to_num(want))
         for grad, x in ((dq, q), (dk, k), (dv, v)):
@@ -699,8 +722,11 @@ def test_autocast(dtype, kwargs):
     err = (out.double() - ref[0]).abs().max()
     torch_err = (torch_out.double() - ref[0]).abs().max()
     assert err <= 2 * torch_err, (err, torch_err)
+    # The gradients come back in float32 from a half-precision forward: the half roundings of q, k, v, the
+    # scores and dO (and the weights) each move them by eps(dtype) relative (ops = 8, the policy's default),
+    # n = 0 half-precision reductions (float32 accumulation, 2^-13 / 2^-16 smaller).
     for g, r in zip(grads, ref[1:]):
-        torch.testing.assert_close(g.double(), r, rtol=0.05, atol=0.05)
+        assert_close(g, r, n=0, dtype=dtype, scale=max(1.0, float(r.abs().max())))
 
 
 class _TwoLayers(torch.nn.Module):
@@ -733,10 +759,11 @@ def test_compile_fullgraph_is_one_node_without_graph_breaks():
         kt = torch.zeros(2, t, dtype=torch.bool)
         got = compiled(xt, kt)
         want = model(xt, kt)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        n = 2 * (16 + 4 + t)  # two layers of: projection d = 16, head dim 4, T_k
+        assert_close(got, want, n=n)
         ga, = torch.autograd.grad(got.sum(), xt)
         gb, = torch.autograd.grad(want.sum(), xt)
-        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+        assert_close(ga, gb, n=2 * n + 2 * t)  # back through the same reductions, plus d_v and T_q per layer
     # dropout: the seed is drawn in the graph (a tensor), not by .item() or a torch.Generator
     drop = torch._dynamo.explain(lambda q: flash_attention(q, q, q, dropout_p=0.5))(torch.randn(1, 1, 16, 4))
     assert drop.graph_break_count == 0 and drop.graph_count == 1
@@ -754,8 +781,7 @@ def test_export_with_a_dynamic_length():
     program = torch.export.export(Attn(), args, dynamic_shapes=({2: t}, {2: t}, {2: t}))
     for length in (3, 17, 64):
         q, k, v = (torch.randn(1, 2, length, 8) for _ in range(3))
-        torch.testing.assert_close(program.module()(q, k, v), flash_attention(q, k, v, causal=True),
-                                   rtol=1e-6, atol=1e-6)
+        assert_close(program.module()(q, k, v), flash_attention(q, k, v, causal=True), n=8 + length)  # d, T_k
 
 
 _FORK_SCRIPT = textwrap.dedent(

@@ -12,13 +12,19 @@ from hypothesis import strategies as st
 import attnlab
 from attnlab import functional as F
 from attnlab.masks import causal_mask
+from tolerances import assert_close, attention_scale, printed_atol, tols
 
 INPUTS = attnlab.book_inputs()
 QUERY = INPUTS[1]  # "journey"
 
 
-def close(actual, expected, atol=5e-5):
-    torch.testing.assert_close(torch.as_tensor(actual).float(), torch.tensor(expected).float(), atol=atol, rtol=0)
+def close(actual, expected, n=6):
+    """Against the book's printed 4-decimal numbers: half a unit of the 4th decimal plus our float32 bound
+    (n = the longest reduction: 6 tokens of d = 3)."""
+    expected = torch.tensor(expected, dtype=torch.float64)
+    scale = max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(torch.as_tensor(actual).double(), expected,
+                               atol=printed_atol(4, torch.float32, n, scale=scale), rtol=0)
 
 
 # -- the book's simplified self-attention (3.3) ---------------------------------------------------
@@ -28,7 +34,7 @@ def test_scores_of_journey_book_values_loop_and_matrix():
     expected = [0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865]
     close(F.dot_scores_loop(QUERY, INPUTS), expected)
     close(F.dot_scores(QUERY, INPUTS), expected)
-    torch.testing.assert_close(F.dot_scores_loop(QUERY, INPUTS), F.dot_scores(QUERY, INPUTS))
+    assert_close(F.dot_scores_loop(QUERY, INPUTS), F.dot_scores(QUERY, INPUTS), n=3)  # d = 3
 
 
 def test_dot_product_written_out():
@@ -45,7 +51,7 @@ def test_normalisations_book_values():
     expected_softmax = [0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581]
     close(F.softmax_naive(scores), expected_softmax)
     close(F.softmax(scores), expected_softmax)
-    torch.testing.assert_close(F.softmax(scores), torch.softmax(scores, dim=0))
+    assert_close(F.softmax(scores), torch.softmax(scores, dim=0), n=6, scale=float(scores.abs().max()))
 
 
 def test_context_vector_book_values_loop_and_matrix():
@@ -113,16 +119,16 @@ def test_batched_head_scores_book_example():
 def test_naive_softmax_overflows_stable_does_not():
     big = torch.tensor([1000.0, 1001.0, 999.0])
     assert torch.isnan(F.softmax_naive(big)).any()
-    torch.testing.assert_close(F.softmax(big), torch.softmax(big, dim=0))
+    assert_close(F.softmax(big), torch.softmax(big, dim=0), n=3)  # big - max(big) is exact: scale 1
 
 
 def test_softmax_fully_masked_row_is_zero_with_zero_grad():
     scores = torch.tensor([[1.0, 2.0], [float("-inf"), float("-inf")]], requires_grad=True)
     w = F.softmax(scores)
-    assert torch.equal(w[1], torch.zeros(2))
+    assert torch.equal(w[1], torch.zeros(2))  # exact: a fully masked row is 0 by definition, not by rounding
     (w * torch.tensor([[1.0, 2.0], [3.0, 4.0]])).sum().backward()
     assert torch.isfinite(scores.grad).all()
-    assert torch.equal(scores.grad[1], torch.zeros(2))
+    assert torch.equal(scores.grad[1], torch.zeros(2))  # exact: no gradient flows into a masked row
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -131,7 +137,8 @@ def test_softmax_half_scores_in_the_thousands(dtype):
     w = F.softmax(scores)
     assert w.dtype == dtype and torch.isfinite(w).all()
     ref = torch.softmax(scores.double(), dim=0)
-    torch.testing.assert_close(w.double(), ref, atol=1e-2, rtol=0)
+    # float32 math, one rounding to the half dtype: eps(dtype) covers it (the float32 part is 2^-13 smaller)
+    torch.testing.assert_close(w.double(), ref, **tols(dtype, n=0, ops=1))
 
 
 # -- the two causal masking methods agree (3.5.1) --------------------------------------------------
@@ -144,9 +151,9 @@ def test_causal_two_ways_agree(t_q, t_k):
     allowed = causal_mask(t_q, t_k)
     after = F.mask_after_softmax(F.softmax(scores), allowed)
     before = F.softmax(F.mask_before_softmax(scores, allowed))
-    torch.testing.assert_close(after, before, atol=1e-12, rtol=0)
+    assert_close(after, before, n=t_k, scale=float(scores.abs().max()))
     rows_with_keys = allowed.any(-1)
-    torch.testing.assert_close(before.sum(-1)[:, rows_with_keys], torch.ones(2, int(rows_with_keys.sum()), dtype=torch.float64))
+    assert_close(before.sum(-1)[:, rows_with_keys], torch.ones(2, int(rows_with_keys.sum()), dtype=torch.float64), n=t_k)
 
 
 def test_causal_mask_book_row():
@@ -170,7 +177,7 @@ def test_dropout_book_values():
     dropped = torch.nn.functional.dropout(torch.ones(6, 6), p=0.5, training=True)
     expected = torch.tensor([[2., 2., 0., 2., 2., 0.], [0., 0., 0., 2., 0., 2.], [2., 2., 2., 2., 0., 2.],
                              [0., 2., 2., 0., 0., 2.], [0., 2., 0., 2., 0., 2.], [0., 2., 2., 2., 2., 0.]])
-    assert torch.equal(dropped, expected)
+    assert torch.equal(dropped, expected)  # exact: dropout writes 0 or 1 / (1 - p) = 2, both exact floats
 
 
 # -- scaled dot-product attention vs PyTorch ------------------------------------------------------
@@ -218,11 +225,12 @@ def test_sdpa_matches_torch(batch, t_q, t_k, d_k, d_v, causal, mask_kind, use_sc
     if mask is not None:
         allowed = allowed & (mask if mask.dtype == torch.bool else ~torch.isneginf(mask))
     live = allowed.any(-1)
-    torch.testing.assert_close(ours[live], ref[live], atol=1e-10, rtol=1e-10)
-    assert torch.equal(ours[~live], torch.zeros_like(ours[~live]))
-    # float32 agrees to 1e-5.
+    terms = attention_scale(q, k, v, scale=scale if use_scale else None, bias=mask)
+    assert_close(ours[live], ref[live], n=d_k + t_k, scale=terms)  # float64 bound
+    assert torch.equal(ours[~live], torch.zeros_like(ours[~live]))  # exact: no keys gives 0 by definition
+    # float32 agrees within the float32 bound.
     ours32 = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask=mask if mask is None or mask.dtype == torch.bool else mask.float(), causal=causal, scale=scale)
-    torch.testing.assert_close(ours32[live].double(), ref[live], atol=1e-5, rtol=1e-5)
+    assert_close(ours32[live], ref[live], n=d_k + t_k, scale=terms)
 
 
 @pytest.mark.parametrize("t", [1, 3, 97, 257])
@@ -231,16 +239,16 @@ def test_sdpa_odd_lengths_float32(t):
     q, k, v = (torch.randn(2, 3, t, 16) for _ in range(3))
     ours = F.scaled_dot_product_attention(q, k, v, causal=True)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert_close(ours, ref, n=16 + t, scale=attention_scale(q, k, v))
 
 
 def test_sdpa_returns_weights():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 5, 4, dtype=torch.float64) for _ in range(3))
     out, w = F.scaled_dot_product_attention(q, k, v, causal=True, return_weights=True)
-    torch.testing.assert_close(w.sum(-1), torch.ones(2, 5, dtype=torch.float64))
-    assert torch.equal(w.triu(1), torch.zeros_like(w))
-    torch.testing.assert_close(out, w @ v)
+    assert_close(w.sum(-1), torch.ones(2, 5, dtype=torch.float64), n=5)
+    assert torch.equal(w.triu(1), torch.zeros_like(w))  # exact: masked weights are 0 by definition
+    assert_close(out, w @ v, n=5, scale=attention_scale(q, k, v))
 
 
 def test_sdpa_fully_masked_rows_zero_output_and_gradients():
@@ -249,11 +257,11 @@ def test_sdpa_fully_masked_rows_zero_output_and_gradients():
     mask = torch.ones(1, 4, 4, dtype=torch.bool)
     mask[0, 2] = False  # query 2 may attend nothing
     out = F.scaled_dot_product_attention(q, k, v, mask=mask)
-    assert torch.equal(out[0, 2], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(out[0, 2], torch.zeros(3, dtype=torch.float64))  # exact: no keys gives 0 by definition
     out.sum().backward()
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
-    assert torch.equal(q.grad[0, 2], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(q.grad[0, 2], torch.zeros(3, dtype=torch.float64))  # exact: nothing flows back
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -265,7 +273,10 @@ def test_sdpa_half_precision_large_scores(dtype):
     out = F.scaled_dot_product_attention(q, k, v, causal=True)
     assert out.dtype == dtype and torch.isfinite(out).all()
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), causal=True)
-    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    # float32 math on scores in the thousands (n = d + T), then one rounding of the output to the half dtype
+    terms = attention_scale(q.double(), k.double(), v.double())
+    bound = tols(torch.float32, 8 + 7, scale=terms)["atol"] + tols(dtype, 0, ops=1, scale=float(v.abs().max()))["atol"]
+    torch.testing.assert_close(out.double(), ref, atol=bound, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -291,10 +302,10 @@ def test_dropout_in_sdpa_draws_like_nn_dropout():
     _, w = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, return_weights=True)
     torch.manual_seed(123)
     ref = torch.nn.Dropout(0.5)(F.softmax(q @ k.T / math.sqrt(2)))
-    torch.testing.assert_close(w, ref)
+    assert_close(w, ref, n=2 + 6, scale=2 * attention_scale(q, k))  # dropout doubles the kept weights
     # training=False: no dropout.
     out_eval = F.scaled_dot_product_attention(q, k, v, dropout_p=0.5, training=False)
-    torch.testing.assert_close(out_eval, F.scaled_dot_product_attention(q, k, v))
+    assert_close(out_eval, F.scaled_dot_product_attention(q, k, v), n=2 + 6, scale=attention_scale(q, k, v))
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -337,9 +348,9 @@ def test_no_keys_gives_zeros_and_zero_grads_like_torch_math():
     k, v = torch.randn(2, 3, 0, 8, requires_grad=True), torch.randn(2, 3, 0, 8, requires_grad=True)
     out = F.scaled_dot_product_attention(q, k, v, causal=True)
     with sdpa_kernel(SDPBackend.MATH):
-        assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))  # exact: no keys, both 0
     out.sum().backward()
-    assert torch.equal(q.grad, torch.zeros_like(q))
+    assert torch.equal(q.grad, torch.zeros_like(q))  # exact: no keys, nothing flows back
     assert F.softmax(torch.randn(3, 0)).shape == (3, 0)
 
 
@@ -348,10 +359,10 @@ def test_grouped_query_is_repeat_interleave_of_the_key_value_heads():
     q, k, v = torch.randn(2, 6, 4, 5), torch.randn(2, 3, 7, 5), torch.randn(2, 3, 7, 2)
     assert F.kv_groups(q, k) == 2
     expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
-    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v), expected)
-    torch.testing.assert_close(
-        torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), expected, atol=1e-6, rtol=1e-5
-    )
+    terms = attention_scale(q, k, v)
+    assert_close(F.scaled_dot_product_attention(q, k, v), expected, n=5 + 7, scale=terms)
+    assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), expected, n=5 + 7,
+                 scale=terms)
 
 
 def test_broadcast_shape_agrees_with_torch():

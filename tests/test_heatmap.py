@@ -382,6 +382,7 @@ def test_one_long_map_png_and_svg(tmp_path):
     assert _cell_texts(fig) == [] and len(fig.axes[0].get_xticks()) <= 96
     drawn = fig.axes[0].images[0].get_array()  # (257, 257, 4): the colours put in the picture
     expected = colormaps["viridis"](Normalize(0, weights.max())(weights))
+    # colours, not arithmetic: matplotlib quantises the colour map to 8 bits, so one level (1/255) apart
     assert drawn.shape == (257, 257, 4) and np.allclose(drawn, expected, atol=1 / 255)
     svg = save_figure(heatmap_figure(weights[:97, :97]), tmp_path / "long.svg").read_text(encoding="utf-8")
     assert svg.count("<image") == 2 and svg.count("<path") < 1000  # the cells and the colour bar
@@ -396,6 +397,7 @@ def test_model_query_row_in_every_layer_and_head():
     (ax,) = [a for a in fig.axes if a.images]
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"L{i} H{h}" for i in (1, 2) for h in (1, 2, 3)]
     rows = np.asarray(maps.weights)[:, :, 5, :].reshape(6, 11)  # w4 is token 5 ([CLS] first)
+    # the same weights through the same colour map: allclose's default absorbs float32 vs float64 RGBA
     assert np.allclose(ax.images[0].get_array()[..., :3],
                        heatmap_figure(rows).axes[0].images[0].get_array()[..., :3])
     with pytest.raises(ValueError, match="nope"):

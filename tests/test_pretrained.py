@@ -34,8 +34,25 @@ from attnlab.pretrained import (
     model_dir,
     model_names,
 )
+from tolerances import abs_tol, assert_close, attention_scale
 
-ATOL = 1e-5
+# tests/tolerances.py's n for MiniLM (d = 384, head dim 32, FFN 1536, 6 layers): one layer chains the q/k/v
+# projection (384), the scores (32), the softmax and weighted sum (T), the output projection (384), two
+# LayerNorms (384 each) and the feed-forward (384, then 1536); the embeddings end in a LayerNorm (384).
+LAYER_N = 384 + 32 + 384 + 2 * 384 + 384 + 1536
+
+
+def model_n(t, layers=6):
+    """n for a number computed through ``layers`` layers of a T-token text."""
+    return 384 + layers * (LAYER_N + t)
+
+
+def weights_bound(steps, t, layers_before):
+    """Absolute bound on attention weights: the layers before (computed apart) and this layer's q/k
+    projection, scores and softmax; scale = the largest |q| |k| / sqrt(32) over the heads."""
+    return abs_tol(torch.float32, model_n(t, layers_before) + 384 + 32 + t,
+                   scale=attention_scale(steps.queries, steps.keys))
+
 LONG = " ".join(["Attention lets every token look at every other token and decide what matters."] * 30)
 SENTENCES = [
     "Hi.",
@@ -105,8 +122,10 @@ def test_encode_matches_sentence_transformers(encoder, st_model):
         ours = encoder.encode(SENTENCES, batch_size=4)  # several batches, each padded
     reference = st_model.encode(SENTENCES, convert_to_tensor=True, show_progress_bar=False).cpu()
     assert ours.shape == (len(SENTENCES), 384) and ours.dtype == torch.float32
-    assert (ours - reference).abs().max().item() <= ATOL
-    torch.testing.assert_close(ours.norm(dim=1), torch.ones(len(SENTENCES)), atol=1e-5, rtol=0)
+    t = encoder.config.max_seq_length  # the longest text is cut there
+    # six layers, mean pooling over T and the normalisation (384): unit vectors, scale 1
+    assert (ours - reference).abs().max().item() <= abs_tol(torch.float32, model_n(t) + t + 384)
+    assert_close(ours.norm(dim=1), torch.ones(len(SENTENCES)), n=384)
 
 
 def test_encode_does_not_depend_on_batching_or_order(encoder):
@@ -114,14 +133,15 @@ def test_encode_does_not_depend_on_batching_or_order(encoder):
     whole = encoder.encode(texts)  # one padded batch (default batch_size=32)
     one_by_one = torch.cat([encoder.encode(t) for t in texts])  # no padding at all
     reversed_ = encoder.encode(texts[::-1], batch_size=4).flip(0)
-    assert (whole - one_by_one).abs().max().item() <= ATOL
-    assert (whole - reversed_).abs().max().item() <= ATOL
+    bound = abs_tol(torch.float32, model_n(32) + 32 + 384)  # padded to <= 32 tokens: other matmul shapes
+    assert (whole - one_by_one).abs().max().item() <= bound
+    assert (whole - reversed_).abs().max().item() <= bound
 
 
 def test_encode_single_string_and_empty_list(encoder):
     single = encoder.encode("A cat sits on the mat.")
     assert single.shape == (1, 384)
-    torch.testing.assert_close(single, encoder.encode(["A cat sits on the mat."]))
+    assert torch.equal(single, encoder.encode(["A cat sits on the mat."]))  # exact: the same call, same batch
     assert encoder.encode([]).shape == (0, 384)
 
 
@@ -140,7 +160,10 @@ def test_attention_matches_transformers_eager(encoder, hf):
         assert maps.tokens == hf[1].convert_ids_to_tokens(batch["input_ids"][0].tolist())
         reference = torch.stack([a[0] for a in out.attentions])  # (L, H, T, T)
         assert maps.weights.shape == reference.shape == (6, 12, len(maps.tokens), len(maps.tokens))
-        assert (maps.weights - reference).abs().max().item() <= ATOL, text
+        t = len(maps.tokens)
+        for layer in range(6):  # another implementation from the embeddings on: the layers before add up
+            bound = weights_bound(encoder.layer_steps(text, layer), t, layer)
+            assert (maps.weights[layer] - reference[layer]).abs().max().item() <= bound, (text, layer)
 
 
 def test_batched_forward_with_padding_matches_transformers(encoder, hf):
@@ -152,12 +175,17 @@ def test_batched_forward_with_padding_matches_transformers(encoder, hf):
         ours = encoder(batch["input_ids"], mask, batch["token_type_ids"], need_weights=True)
     valid = mask.bool()  # (B, T)
     diff = (ours.last_hidden_state - out.last_hidden_state)[valid].abs().max().item()
-    assert diff <= 1e-4
+    t = mask.shape[1]
+    assert diff <= abs_tol(torch.float32, model_n(t), scale=float(out.last_hidden_state.abs().max()))
+    # the scale of each layer's scores: the largest |q| |k| / sqrt(32) over the texts' heads
+    weight_scales = [max(attention_scale(s.queries, s.keys) for s in (encoder.layer_steps(x, layer) for x in texts))
+                     for layer in range(6)]
     for layer, (w, ref) in enumerate(zip(ours.attentions, out.attentions)):
         for b in range(len(texts)):
             n = int(mask[b].sum())
-            assert (w[b, :, :n, :] - ref[b, :, :n, :]).abs().max().item() <= ATOL, (layer, b)
-            assert w[b, :, :n, n:].abs().sum().item() == 0.0  # padding keys get no attention
+            bound = abs_tol(torch.float32, model_n(t, layer) + 384 + 32 + t, scale=weight_scales[layer])
+            assert (w[b, :, :n, :] - ref[b, :, :n, :]).abs().max().item() <= bound, (layer, b)
+            assert w[b, :, :n, n:].abs().sum().item() == 0.0  # exact: padding keys get weight 0 by definition
 
 
 def test_layer_steps_are_the_layer_computation(encoder, hf):
@@ -169,18 +197,18 @@ def test_layer_steps_are_the_layer_computation(encoder, hf):
         t = len(maps.tokens)
         assert isinstance(steps, LayerSteps) and steps.head is None and steps.tokens == maps.tokens
         assert steps.x.shape == (t, 384)
-        torch.testing.assert_close(steps.x, out.hidden_states[layer][0], atol=1e-4, rtol=0)
+        assert_close(steps.x, out.hidden_states[layer][0], n=model_n(t, layer))  # the layers before
         mha = encoder.layers[layer].attention
         assert steps.W_query.shape == (384, 384)
-        torch.testing.assert_close(steps.W_query, mha.W_query.weight.T)
-        torch.testing.assert_close(steps.b_value, mha.W_value.bias)
+        assert torch.equal(steps.W_query, mha.W_query.weight.T)  # exact: the module's own parameters
+        assert torch.equal(steps.b_value, mha.W_value.bias)  # exact: the module's own parameters
         assert steps.queries.shape == steps.keys.shape == steps.values.shape == (12, t, 32)
         assert steps.scores.shape == steps.weights.shape == (12, t, t)
-        torch.testing.assert_close(steps.weights, torch.softmax(steps.scores, dim=-1))
-        assert (steps.weights - maps.weights[layer]).abs().max().item() <= ATOL
-        assert (steps.weights - out.attentions[layer][0]).abs().max().item() <= ATOL
-        with torch.no_grad():
-            torch.testing.assert_close(steps.output, mha(steps.x[None])[0], atol=1e-5, rtol=0)
+        assert_close(steps.weights, torch.softmax(steps.scores, dim=-1), n=t, scale=float(steps.scores.abs().max()))
+        assert (steps.weights - maps.weights[layer]).abs().max().item() <= weights_bound(steps, t, 0)
+        assert (steps.weights - out.attentions[layer][0]).abs().max().item() <= weights_bound(steps, t, layer)
+        with torch.no_grad():  # q/k/v projection, scores, T, output projection
+            assert_close(steps.output, mha(steps.x[None])[0], n=384 + 32 + t + 384)
         assert steps.scale == pytest.approx(32**-0.5)
 
     all_heads = encoder.layer_steps(text, 2)
@@ -188,12 +216,15 @@ def test_layer_steps_are_the_layer_computation(encoder, hf):
     assert one.head == 7 and one.queries.shape == (len(maps.tokens), 32)
     assert one.W_query.shape == (384, 32) and one.b_query.shape == (32,)
     cols = slice(7 * 32, 8 * 32)
-    torch.testing.assert_close(one.queries, one.x @ one.W_query + one.b_query)
-    torch.testing.assert_close(one.W_key, all_heads.W_key[:, cols])
-    torch.testing.assert_close(one.weights, all_heads.weights[7])
-    torch.testing.assert_close(one.context, one.weights @ one.values)
-    torch.testing.assert_close(one.scores, one.queries @ one.keys.T * one.scale)
-    torch.testing.assert_close(all_heads.for_head(7).context, one.context)
+    t = len(maps.tokens)
+    assert_close(one.queries, one.x @ one.W_query + one.b_query, n=384,
+                 scale=float((one.x.abs() @ one.W_query.abs()).max() + one.b_query.abs().max()))
+    assert torch.equal(one.W_key, all_heads.W_key[:, cols])  # exact: a slice of the same parameter
+    assert_close(one.weights, all_heads.weights[7], n=384 + 32 + t, scale=attention_scale(one.queries, one.keys))
+    assert_close(one.context, one.weights @ one.values, n=t, scale=float(one.values.abs().max()))
+    assert_close(one.scores, one.queries @ one.keys.T * one.scale, n=32, scale=attention_scale(one.queries, one.keys))
+    assert_close(all_heads.for_head(7).context, one.context, n=384 + 32 + t, scale=attention_scale(one.queries, one.keys,
+                                                                                                   one.values))
 
 
 def test_attention_maps_dataclass(encoder):
@@ -201,7 +232,7 @@ def test_attention_maps_dataclass(encoder):
     assert isinstance(maps, AttentionMaps)
     assert maps.tokens == ["[CLS]", "hello", "world", "!", "[SEP]"] == encoder.tokenize("Hello world!")
     assert (maps.num_layers, maps.num_heads, maps.seq_len) == (6, 12, 5)
-    torch.testing.assert_close(maps.weights.sum(-1), torch.ones(6, 12, 5))
+    assert_close(maps.weights.sum(-1), torch.ones(6, 12, 5), n=5)
     assert maps.truncated is False
 
 
@@ -305,7 +336,7 @@ def test_layer_steps_use_attnlab_functional(encoder, monkeypatch):
         )
     steps = encoder.layer_steps("The cat sat.", 0)
     assert sorted(set(called)) == ["all_pair_scores", "context_vectors", "softmax"]
-    torch.testing.assert_close(steps.context, steps.weights @ steps.values)
+    assert_close(steps.context, steps.weights @ steps.values, n=steps.x.shape[0], scale=float(steps.values.abs().max()))
 
 
 @pytest.mark.parametrize("layer", [6, -1, 1.0, True])

@@ -11,6 +11,7 @@ import torch
 from attnlab import MultiHeadAttention
 from attnlab.modern import book_compute_rope, book_precompute_rope_params
 from attnlab.rope import RotaryEmbedding, apply_rope, rope_angles, rotate_half
+from tolerances import abs_tol, assert_close, tols
 
 
 def rotate_pairs_float64(x, positions, base=10000.0):
@@ -31,8 +32,10 @@ def test_rotation_is_the_definition_in_float64():
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     positions = torch.tensor([0, 1, 7, 30, 1000])
     q, k = RotaryEmbedding(8)(x, x[:, :1], positions)
-    torch.testing.assert_close(q, rotate_pairs_float64(x, positions), atol=1e-12, rtol=0)
-    torch.testing.assert_close(k, rotate_pairs_float64(x[:, :1], positions), atol=1e-12, rtol=0)
+    # a two-term rotation of an angle as large as the position (its rounding grows with it): n = 2 + 1000
+    n, size = 2 + int(positions.max()), float(x.abs().max())
+    assert_close(q, rotate_pairs_float64(x, positions), n=n, scale=size)
+    assert_close(k, rotate_pairs_float64(x[:, :1], positions), n=n, scale=size)
 
 
 @pytest.mark.parametrize("offset", [0, 3, 97])
@@ -42,7 +45,7 @@ def test_equals_the_books_compute_rope(offset):
     cos, sin = book_precompute_rope_params(16, 10000, 256)
     expected = book_compute_rope(x, cos, sin, offset=offset)
     got, _ = RotaryEmbedding(16)(x, x, torch.arange(offset, offset + 7))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_close(got, expected, n=2 + offset + 7, scale=float(x.abs().max()))  # rotation, angle <= position
 
 
 def test_scores_depend_on_relative_position_only():
@@ -55,9 +58,11 @@ def test_scores_depend_on_relative_position_only():
         _, kn = rope(k, k, torch.tensor([n]))
         return (qm * kn).sum().item()
 
-    assert score(5, 2) == pytest.approx(score(105, 102), abs=1e-10)
-    assert score(0, 0) == pytest.approx((q * k).sum().item(), abs=1e-12)  # position 0: no rotation
-    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # and it does depend on the distance
+    size = float(q.norm() * k.norm())  # sum |q_i k_i| <= |q| |k|
+    # a 32-term dot product of vectors rotated by angles up to 105 (their rounding grows with the angle)
+    assert score(5, 2) == pytest.approx(score(105, 102), abs=abs_tol(torch.float64, 32 + 2 + 105, scale=size))
+    assert score(0, 0) == pytest.approx((q * k).sum().item(), abs=abs_tol(torch.float64, 32, scale=size))  # no rotation
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # and it does depend on the distance (1e10 x the bounds above)
 
 
 def test_rotate_half_and_batched_positions():
@@ -70,14 +75,16 @@ def test_rotate_half_and_batched_positions():
     got = apply_rope(x, cos, sin)
     for b in range(2):
         c, s = rope_angles(positions[b], 4)
-        torch.testing.assert_close(got[b : b + 1], apply_rope(x[b : b + 1], c, s))
+        assert_close(got[b : b + 1], apply_rope(x[b : b + 1], c, s), n=2 + 7)  # rotation, angle <= 7
 
 
 def test_half_precision_keeps_dtype():
     x = torch.randn(1, 1, 3, 8, dtype=torch.bfloat16)
     q, k = RotaryEmbedding(8)(x, x, torch.arange(3))
     assert q.dtype == k.dtype == torch.bfloat16
-    torch.testing.assert_close(q.float(), rotate_pairs_float64(x.float(), torch.arange(3)).float(), atol=2e-2, rtol=0)
+    # float32 math (2^-16 smaller), one rounding of the result to bfloat16
+    assert_close(q, rotate_pairs_float64(x.float(), torch.arange(3)), n=0, ops=1, dtype=torch.bfloat16,
+                 scale=float(x.abs().max()))
 
 
 @pytest.mark.parametrize("bad, match", [(3, "even head_dim"), (0, "even head_dim"), (True, "even head_dim")])
@@ -100,10 +107,11 @@ def test_module_rope_leaves_the_state_dict_unchanged():
     rotary = MultiHeadAttention(6, 8, 16, 0.0, 2, rope=True, rope_base=500.0)
     assert plain.state_dict().keys() == rotary.state_dict().keys()
     for name, value in plain.state_dict().items():
-        assert torch.equal(value, rotary.state_dict()[name])
+        assert torch.equal(value, rotary.state_dict()[name])  # exact: same seed, same draws, same init ops
     x = torch.randn(1, 5, 6)
-    assert not torch.allclose(plain(x), rotary(x))  # positions now matter ...
-    torch.testing.assert_close(plain(x[:, :1]), rotary(x[:, :1]))  # ... except at position 0 alone
+    n = 6 + 4 + 5 + 8  # d_in, head dim, T, out_proj
+    assert not torch.allclose(plain(x), rotary(x), **tols(torch.float32, n))  # positions now matter ...
+    assert_close(plain(x[:, :1]), rotary(x[:, :1]), n=n)  # ... except at position 0 alone
 
 
 def test_hook_for_another_positional_scheme():
@@ -126,6 +134,6 @@ def test_hook_for_another_positional_scheme():
     k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
     scores = (q @ k.transpose(-1, -2) / math.sqrt(2)).masked_fill(torch.ones(3, 3).triu(1).bool(), -torch.inf)
     ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 8)
-    torch.testing.assert_close(out, m.out_proj(ctx), atol=1e-6, rtol=0)
+    assert_close(out, m.out_proj(ctx), n=6 + 2 + 3 + 8)  # d_in, head dim, T, out_proj
     with pytest.raises(TypeError, match="rope must be None, True or a callable"):
         MultiHeadAttention(6, 8, 16, 0.0, 4, rope="llama")

@@ -6,6 +6,7 @@ same function), measure (``attnlab bench``) and see (heatmaps and an HTML report
 
 from attnlab import functional, masks
 from attnlab.cache import KVCache, RollingKVCache
+from attnlab.generate import generate as generate  # attnlab.generate(...): the function
 from attnlab.latent import MultiHeadLatentAttention
 from attnlab.modules import (
     CausalAttention,

@@ -18,6 +18,24 @@ Every backend computes the same function as the eager reference
   draws it differently (see :data:`SDPA_DROPOUT_LIKE_NN_DROPOUT`); ``"torch"`` otherwise.
 - anything added with :func:`register` (check it with :func:`attnlab.testing.assert_same_function`).
 
+Packed sequences: ``document_ids=`` (integer, (B, T) or (T,), ``T_q == T_k``, B = ``q.shape[0]``) lets a
+query attend only the keys of its own document. It is one description converted at the edge: ``flash``
+passes it to its kernel (which skips the tiles of other documents); every other backend gets the dense
+bool mask ``doc_q == doc_k`` (:func:`attnlab.masks.document_mask`) AND'ed with ``mask``.
+
+``return_lse=True`` also returns the natural-log log-sum-exp of each query row's masked, scaled scores
+(FlashAttention's convention: shape (..., H, T_q), i.e. ``out.shape[:-1]``; ``-inf`` for a row with no
+allowed key; in the compute dtype: float32 for float16/bfloat16/float32 inputs, float64 for float64).
+``flash`` returns the kernel's own statistic (no gradient flows through it); the other backends compute it
+exactly as ``torch.logsumexp`` of :func:`attnlab.functional.masked_scores` (differentiable; it costs one
+``T_q x T_k`` score matrix more).
+
+Non-finite inputs: a NaN or inf in one position's query, key or value makes the scores of that key NaN
+for every query that may attend it, so every output row that may see that position becomes NaN (with
+``causal=False`` and no mask: every row), on every backend, as in ``torch.nn.MultiheadAttention``; on
+``flash`` also the rows of the same tile that the mask hides from it (the mask is added to the scores).
+Check your inputs (``torch.isfinite``) upstream; attention does not clean them.
+
 Nothing here reads tensor *values* to decide a path (no host sync), so every backend traces under
 ``torch.compile(fullgraph=True)`` and ``torch.export``; sizes may be symbolic (``torch.SymInt``).
 A query whose keys are all masked out gets zeros on every backend.
@@ -29,13 +47,13 @@ d_k / d_v head sizes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, overload
+from typing import Literal, cast, overload
 
 import torch
 from torch import Tensor
 
 from attnlab import functional as F
-from attnlab.masks import causal_mask, window_mask
+from attnlab.masks import causal_mask, document_mask, window_mask
 
 __all__ = ["AttentionFn", "BACKENDS", "attention", "register", "unregister", "resolve"]
 
@@ -100,8 +118,15 @@ def _torch_sdpa(
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> Tensor:
+    return _torch_sdpa_grouped(q, k, v, F.kv_groups(q, k), mask=mask, causal=causal, window=window, scale=scale,
+                               dropout_p=dropout_p, training=training)  # (..., T_q, d_v)
+
+
+def _torch_sdpa_grouped(q: Tensor, k: Tensor, v: Tensor, groups: int, *, mask: Tensor | None, causal: bool,
+                        window: int | None, scale: float | None, dropout_p: float, training: bool) -> Tensor:
+    """:func:`_torch_sdpa` with ``groups = kv_groups(q, k)`` already known (:func:`attention` has it from
+    its checks)."""
     t_q, t_k = q.shape[-2], k.shape[-2]
-    groups = F.kv_groups(q, k)
     enable_gqa = groups > 1 and q.dim() == 4 and k.dim() == 4 and v.dim() == 4
     if groups > 1 and not enable_gqa:
         k, v = F.repeat_kv(k, groups), F.repeat_kv(v, groups)  # (..., H, T_k, d)
@@ -150,14 +175,34 @@ def _flash(
     scale: float | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
+    out, _lse = _flash_with_lse(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                                dropout_p=dropout_p, training=training, document_ids=document_ids)
+    return out  # (..., T_q, d_v)
+
+
+def _flash_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None,
+    causal: bool,
+    window: int | None,
+    scale: float | None,
+    dropout_p: float,
+    training: bool,
+    document_ids: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The flash kernel's ``(out, lse)``; document ids go to the kernel as they are (it skips their tiles)."""
     from attnlab.flash import flash_attention
 
     key_padding_mask = None if mask is None else _key_padding_from_mask(mask, q, k)
-    return flash_attention(
+    return cast(tuple[Tensor, Tensor], flash_attention(
         q, k, v, causal=causal, window=window, scale=scale, key_padding_mask=key_padding_mask,
-        dropout_p=dropout_p if training else 0.0,
-    )  # (..., T_q, d_v)
+        dropout_p=dropout_p if training else 0.0, document_ids=document_ids, return_lse=True,
+    ))  # (..., T_q, d_v), (..., T_q)
 
 
 def _key_padding_from_mask(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
@@ -252,13 +297,23 @@ def resolve(
         return "eager"
     if backend != "auto":
         return backend
-    device_type = torch.device(device).type if device is not None else "cpu"
+    if device is None:
+        device_type = "cpu"
+    elif isinstance(device, torch.device):
+        device_type = device.type
+    else:
+        device_type = torch.device(device).type  # also what refuses a malformed device string
     if dropout_p > 0.0 and training and device_type not in SDPA_DROPOUT_LIKE_NN_DROPOUT:
         return "eager"
     return "torch"
 
 
 def _check_call(q: object, k: object, v: object, causal: object, window: object, dropout_p: object) -> None:
+    if (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and q.dim() >= 2
+            and k.dim() >= 2 and v.dim() >= 2 and (causal is True or causal is False)
+            and (window is None or (type(window) is int and window >= 1))
+            and type(dropout_p) is float and 0.0 <= dropout_p < 1.0):
+        return  # the usual call, valid: skip the checks below, which say what is wrong
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -275,6 +330,56 @@ def _check_call(q: object, k: object, v: object, causal: object, window: object,
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
+def _document_allowed(document_ids: object, q: Tensor, k: Tensor) -> Tensor:
+    """Validate ``document_ids`` and turn them into the dense bool mask of the non-flash backends:
+    (T, T) for ids (T,), else (B|1, 1, ..., T, T) with q's leading dims after the batch as 1s."""
+    if not isinstance(document_ids, Tensor):
+        raise TypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise TypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
+    if document_ids.device != q.device:
+        raise ValueError(f"document_ids must be on the device of q ({q.device}), got {document_ids.device}")
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if t_q != t_k:
+        raise ValueError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
+    batch = q.shape[0] if q.dim() >= 3 else 1
+    shape = tuple(document_ids.shape)
+    if shape not in ((batch, t_q), (1, t_q), (t_q,)):
+        raise ValueError(f"document_ids must have shape ({batch}, {t_q}) (batch, tokens) or ({t_q},), got {shape}")
+    if document_ids.dim() == 1:
+        return document_mask(document_ids)  # (T, T)
+    allowed = document_mask(document_ids)  # (B|1, 1, T, T)
+    lead = max(q.dim(), k.dim()) - 2  # the leading dims of the scores
+    return allowed.reshape((allowed.shape[0],) + (1,) * (lead - 1) + (t_q, t_q))  # (B|1, 1, ..., T, T)
+
+
+def _with_documents(mask: Tensor | None, allowed: Tensor) -> Tensor:
+    """``mask`` AND the document mask: bool masks combine with &, a float mask gets -inf across documents."""
+    if mask is None:
+        return allowed
+    if mask.dtype == torch.bool:
+        return mask & allowed  # (..., T_q, T_k)
+    return mask.masked_fill(~allowed, float("-inf"))  # (..., T_q, T_k)
+
+
+def _reference_lse(q: Tensor, k: Tensor, *, mask: Tensor | None, causal: bool, window: int | None,
+                   scale: float | None, out_shape: tuple[int, ...]) -> Tensor:
+    """The exact natural-log log-sum-exp of each row's masked scaled scores: (..., T_q), -inf where no key."""
+    scores = F.masked_scores(q, k, mask=mask, causal=causal, window=window, scale=scale)  # (..., T_q, T_k)
+    return torch.logsumexp(scores, dim=-1).expand(out_shape)  # (..., T_q)
+
+
+def _softcap_backend(backend: str, name: str, softcap: object, return_lse: bool) -> str:
+    """The backend for a call with ``softcap``: "eager" (also for "auto"); a clear error otherwise."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    if backend not in ("auto", "eager") or return_lse:
+        raise ValueError(f"softcap (score capping, softcap * tanh(score / softcap)) is computed by backend='eager' "
+                         f"only (and 'auto', which picks it), without return_lse; got backend={backend!r}"
+                         + (", return_lse=True" if return_lse else ""))
+    return "eager"
+
+
 @overload
 def attention(
     q: Tensor,
@@ -289,6 +394,9 @@ def attention(
     training: bool = True,
     backend: str = "auto",
     need_weights: Literal[False] = False,
+    document_ids: Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[False] = False,
 ) -> Tensor: ...
 
 
@@ -306,6 +414,29 @@ def attention(
     training: bool = True,
     backend: str = "auto",
     need_weights: Literal[True],
+    document_ids: Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[False] = False,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+    need_weights: Literal[False] = False,
+    document_ids: Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -323,6 +454,9 @@ def attention(
     training: bool = True,
     backend: str = "auto",
     need_weights: bool = False,
+    document_ids: Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -339,21 +473,63 @@ def attention(
     training: bool = True,
     backend: str = "auto",
     need_weights: bool = False,
+    document_ids: Tensor | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention through the chosen backend. q (B, H, T_q, d_k), k (B, H_kv, T_k, d_k),
-    v (B, H_kv, T_k, d_v) (any other leading layout that broadcasts works too). Returns ``out``
-    (..., T_q, d_v), or ``(out, weights)`` with weights (..., T_q, T_k) when ``need_weights`` (eager only)."""
+    v (B, H_kv, T_k, d_v); any other leading layout that broadcasts works too, on every backend (e.g. K/V
+    of batch 1 shared by every query batch row, or 3-D (B, T, d) tensors). Returns ``out``
+    (..., T_q, d_v); ``(out, weights)`` with weights (..., T_q, T_k) when ``need_weights`` (eager only);
+    ``(out, lse)`` with lse (..., T_q) when ``return_lse`` (see the module docstring).
+
+    document_ids: None, or integer ids of the packed documents, shape (B, T) or (T,) with
+    ``T = T_q = T_k`` and ``B = q.shape[0]``: a query attends only the keys of its own document (AND'ed
+    with ``mask``, ``causal`` and ``window``; causal inside each document with ``causal=True``).
+
+    A NaN or inf in one position's input spreads to every output row that may attend that position
+    (every row without a mask), as in ``torch.nn.MultiheadAttention``."""
     _check_call(q, k, v, causal, window, dropout_p)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+    if need_weights and return_lse:
+        raise ValueError("need_weights=True and return_lse=True cannot be combined; ask for one of them "
+                         "(the lse is torch.logsumexp of the masked scores the weights come from)")
     name = resolve(backend, dropout_p=dropout_p, training=training, need_weights=need_weights, device=q.device)
+    if softcap is not None:  # a score mod only the eager reference has ("auto" picks it)
+        name = _softcap_backend(backend, name, softcap, return_lse)
+    if document_ids is not None and name != "flash":
+        mask = _with_documents(mask, _document_allowed(document_ids, q, k))  # (..., T_q, T_k)
     if need_weights:
         return F.scaled_dot_product_attention(
             q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p,
-            training=training, return_weights=True,
+            training=training, return_weights=True, softcap=softcap,
         )
+    if softcap is not None:
+        return F.scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                                              dropout_p=dropout_p, training=training, softcap=softcap)
+    if name == "torch":  # the common path: checked once here, then straight to the kernel
+        groups = F._check_qkv(q, k, v)  # kv_groups(q, k)
+        if mask is not None:
+            F.check_mask(mask, q.shape[-2], k.shape[-2])
+        out = _torch_sdpa_grouped(q, k, v, groups, mask=mask, causal=causal, window=window, scale=scale,
+                                  dropout_p=dropout_p, training=training)  # (..., T_q, d_v)
+        if not return_lse:
+            return out
+        return out, _reference_lse(q, k, mask=mask, causal=causal, window=window, scale=scale,
+                                   out_shape=tuple(out.shape[:-1]))  # (..., T_q)
     if name != "eager":
         F._check_qkv(q, k, v)  # the eager reference checks its own inputs
         if mask is not None:
             F.check_mask(mask, q.shape[-2], k.shape[-2])
-    return BACKENDS[name](
+    if name == "flash":
+        out, lse = _flash_with_lse(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                                   dropout_p=dropout_p, training=training, document_ids=document_ids)
+        return (out, lse) if return_lse else out
+    out = BACKENDS[name](
         q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p, training=training
-    )
+    )  # (..., T_q, d_v)
+    if not return_lse:
+        return out
+    return out, _reference_lse(q, k, mask=mask, causal=causal, window=window, scale=scale,
+                               out_shape=tuple(out.shape[:-1]))  # (..., T_q)

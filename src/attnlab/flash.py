@@ -96,7 +96,7 @@ from typing import NamedTuple
 
 import torch
 
-from attnlab.functional import compute_dtype
+from attnlab.functional import broadcast_shape, compute_dtype
 
 __all__ = ["TileMask", "Tile", "count_tiles", "flash_attention", "forward_with_lse", "backward_with_lse",
            "tile_plan"]
@@ -124,7 +124,9 @@ class TileMask:
     window: None or w >= 1 (with causal): also ``j > i + offset - w``;
     offset: ``T_k - T_q`` (the bottom-right alignment of the diagonal);
     document_ids: None or int64 (N, T) -- query ``i`` sees key ``j`` only if their ids are equal;
-    padding: None or bool (N, T_k) -- True = the key is padding, seen by nobody in that row.
+    padding: None or bool (N, T_k) -- True = the key is padding, seen by nobody in that row;
+    key_document_ids: None or int64 (N, T_k) -- the keys' ids when they differ from the queries'
+        (a block of a longer sequence, as ring attention computes); ``document_ids`` are then the queries'.
     """
 
     causal: bool = False
@@ -132,6 +134,12 @@ class TileMask:
     offset: int = 0
     document_ids: torch.Tensor | None = None
     padding: torch.Tensor | None = None
+    key_document_ids: torch.Tensor | None = None
+
+    @property
+    def key_docs(self) -> torch.Tensor | None:
+        """The keys' document ids (N, T_k): ``key_document_ids``, or ``document_ids`` for self-attention."""
+        return self.document_ids if self.key_document_ids is None else self.key_document_ids
 
     def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The elementwise rule (a FlexAttention ``mask_mod``): query positions ``rows`` (bq,), key
@@ -142,8 +150,9 @@ class TileMask:
             ok = ok & (cols.unsqueeze(0) <= last)
         if self.window is not None:
             ok = ok & (cols.unsqueeze(0) > last - self.window)
-        if self.document_ids is not None:
-            ok = ok & (self.document_ids[:, rows].unsqueeze(2) == self.document_ids[:, cols].unsqueeze(1))
+        key_docs = self.key_docs
+        if self.document_ids is not None and key_docs is not None:
+            ok = ok & (self.document_ids[:, rows].unsqueeze(2) == key_docs[:, cols].unsqueeze(1))  # (N, bq, bk)
         if self.padding is not None:
             ok = ok & ~self.padding[:, cols].unsqueeze(1)  # (N, bq, bk)
         return ok
@@ -168,6 +177,7 @@ class TileMask:
             self,
             document_ids=None if self.document_ids is None else self.document_ids[sl],
             padding=None if self.padding is None else self.padding[sl],
+            key_document_ids=None if self.key_document_ids is None else self.key_document_ids[sl],
         )
 
 
@@ -197,8 +207,9 @@ def _plan(mask: TileMask, t_q: int, t_k: int, block_q: int, block_k: int) -> lis
     keys are padding in every row; it needs the elementwise mask unless all three parts allow it whole.
     """
     doc_overlap = doc_full = None
-    if mask.document_ids is not None and t_q > 0 and t_k > 0:
-        q_blocks, k_blocks = _blocks(mask.document_ids, block_q), _blocks(mask.document_ids, block_k)
+    key_docs = mask.key_docs
+    if mask.document_ids is not None and key_docs is not None and t_q > 0 and t_k > 0:
+        q_blocks, k_blocks = _blocks(mask.document_ids, block_q), _blocks(key_docs, block_k)  # (N, nq|nk, block)
         q_min, q_max = q_blocks.amin(-1), q_blocks.amax(-1)  # (N, nq)
         k_min, k_max = k_blocks.amin(-1), k_blocks.amax(-1)  # (N, nk)
         q_min, q_max, k_min, k_max = q_min[:, :, None], q_max[:, :, None], k_min[:, None], k_max[:, None]
@@ -310,7 +321,7 @@ class _Biases:
 
     def __init__(self, mask: TileMask, group: int, dtype: torch.dtype, device: torch.device):
         self.mask, self.group, self.dtype, self.device = mask, group, dtype, device
-        self.shared = mask.document_ids is None and mask.padding is None
+        self.shared = mask.document_ids is None and mask.padding is None and mask.key_document_ids is None
         self.cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def __call__(self, q_start: int, q_end: int, k_start: int, k_end: int) -> torch.Tensor:
@@ -544,16 +555,21 @@ def _from_rows(x: torch.Tensor, b: int, h: int, t: int) -> torch.Tensor:
     return x.reshape(b, h, t, f)  # (B, H, T, f)
 
 
-def _kernel_mask(padding: torch.Tensor | None, document_ids: torch.Tensor | None, causal: bool,
+def _kernel_mask(padding: torch.Tensor | None, document_ids, causal: bool,
                  window: int | None, t_q: int, t_k: int, h_kv: int) -> TileMask:
-    """The TileMask of the kernel rows from the operator's padding (B, H_kv, T_k) and documents (B, T)."""
+    """The TileMask of the kernel rows from the operator's padding (B, H_kv, T_k) and documents: (B, T), or
+    a pair ((B, T_q), (B, T_k)) of the queries' and the keys' ids (a block of a longer sequence)."""
     pad = None
     if padding is not None and bool(padding.any()):
         pad = padding.reshape(-1, t_k).contiguous()  # (N, T_k)
-    docs = None
-    if document_ids is not None:
+    docs = key_docs = None
+    if isinstance(document_ids, tuple):
+        docs = document_ids[0].long().repeat_interleave(h_kv, dim=0).contiguous()  # (N, T_q)
+        key_docs = document_ids[1].long().repeat_interleave(h_kv, dim=0).contiguous()  # (N, T_k)
+    elif document_ids is not None:
         docs = document_ids.long().repeat_interleave(h_kv, dim=0).contiguous()  # (N, T)
-    return TileMask(causal=causal, window=window, offset=t_k - t_q, document_ids=docs, padding=pad)
+    return TileMask(causal=causal, window=window, offset=t_k - t_q, document_ids=docs, padding=pad,
+                    key_document_ids=key_docs)
 
 
 def _forward_impl(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k,
@@ -677,15 +693,16 @@ _flash_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _Inputs(NamedTuple):
-    q: torch.Tensor  # (B, H, T_q, d)
-    k: torch.Tensor  # (B, H_kv, T_k, d)
-    v: torch.Tensor  # (B, H_kv, T_k, d_v)
+    q: torch.Tensor  # (B, H, T_q, d), or (1, H_kv * B * G, T_q, d) when folded
+    k: torch.Tensor  # (B, H_kv, T_k, d), or (1, H_kv, T_k, d) when folded
+    v: torch.Tensor  # (B, H_kv, T_k, d_v), or (1, H_kv, T_k, d_v) when folded
     padding: torch.Tensor | None  # bool (B, H_kv, T_k), True = padding
     document_ids: torch.Tensor | None  # int (B, T)
-    lead: tuple  # q's leading dims, to give the output back in the caller's layout
+    lead: tuple  # the output's leading dims, in the caller's layout (the broadcast of q's, k's and v's)
     causal: bool
     window: int | None
     scale: float
+    fold: tuple[int, int, int] | None  # (B, H_kv, G) when K/V of batch 1 serve every query batch row
 
 
 def _check_tensor(name: str, t) -> None:
@@ -707,36 +724,25 @@ def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q, k, v
 
 
-def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale) -> _Inputs:
-    """Check the inputs and bring them to the operator's layout (views where possible)."""
+def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale, broadcast=True) -> _Inputs:
+    """Check the inputs and bring them to the operator's layout (views where possible; a K/V of batch 1
+    against a larger query batch is folded into the query rows instead of being copied per batch row)."""
     _check_tensor("q", q)
     _check_tensor("k", k)
     _check_tensor("v", v)
     q, k, v = _autocast(q, k, v)
-    lead = tuple(q.shape[:-2])
-    grouped = q.dim() >= 3 and k.dim() == q.dim() and k.shape[:-3] == q.shape[:-3] and k.shape[-3] != q.shape[-3]
+    shapes = {"q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape)}
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
-        if grouped:
-            if t.shape[:-2] != k.shape[:-2] or t.shape[-3] < 1 or q.shape[-3] % t.shape[-3] != 0:
-                raise ValueError(
-                    f"{name} must have the leading dims of q, expected {lead} or a number of key/value heads "
-                    f"dividing H={q.shape[-3]} (grouped-query attention), got {tuple(t.shape[:-2])} "
-                    f"({name}.shape={tuple(t.shape)})")
-        elif t.shape[:-2] != q.shape[:-2]:
-            raise ValueError(
-                f"{name} must have the same leading dims as q, expected {lead}, "
-                f"got {tuple(t.shape[:-2])} ({name}.shape={tuple(t.shape)})"
-            )
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"k must have the feature dim of q, expected k.shape[-1]={q.shape[-1]}, "
-                         f"got {k.shape[-1]}")
+                         f"got {k.shape[-1]} (q.shape={shapes['q']}, k.shape={shapes['k']})")
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(f"v must have as many rows as k, expected v.shape[-2]={k.shape[-2]}, "
-                         f"got {v.shape[-2]}")
+                         f"got {v.shape[-2]} (k.shape={shapes['k']}, v.shape={shapes['v']})")
     if q.shape[-1] == 0:
         raise ValueError("q must have a feature dim d >= 1, got d=0")
     if not isinstance(causal, bool):
@@ -748,30 +754,92 @@ def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale) 
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
 
+    n = max(q.dim(), k.dim(), v.dim())
+    hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (q, k, v))
+    grouped = 1 < hk < hq and hk == hv and hq % hk == 0
+    has_heads = n >= 4 or (n == 3 and grouped)  # else a 2-D/3-D call: dim -3 is the batch, one head per row
+    views = []
+    for t in (q, k, v):
+        lead = (1,) * (max(n, 3) - t.dim()) + tuple(t.shape[:-2])  # leading dims padded to the same count
+        if not has_heads:
+            lead = lead + (1,)  # a heads dim of 1 after the batch
+        views.append(t.reshape(lead + tuple(t.shape[-2:])))  # (*batch, heads, T, f)
+    qc, kc, vc = views
+    bq, bk, bv = (tuple(t.shape[:-3]) for t in views)
+    hq, hk, hv = (t.shape[-3] for t in views)  # 1 when dim -3 is the batch
+
+    def refuse(name: str) -> ValueError:
+        lead_q = shapes["q"][:-2]
+        return ValueError(
+            f"{name} must have the leading dims of q, expected {lead_q} or a number of key/value heads dividing "
+            f"H={hq} (grouped-query attention)" + (" or sizes of 1 that broadcast" if broadcast else "")
+            + f", got {shapes[name][:-2]} ({name}.shape={shapes[name]}, q.shape={shapes['q']})")
+
+    if not broadcast:  # the block primitives: same leading dims, or grouped heads
+        for name, b_, h_ in (("k", bk, hk), ("v", bv, hv)):
+            if b_ != bq or not (h_ == hq or (grouped and has_heads)):
+                raise refuse(name)
+    # Heads: equal, grouped (H % H_kv == 0, K/V never repeated; H_kv = 1 is multi-query), or one query head
+    # against several key/value heads (the query is expanded: it is the small side).
+    if hk != hv:
+        raise refuse("v" if hk == hq or hk == 1 else "k")
+    if hk == hq or hk == 1 or hq % hk == 0:
+        h = hq
+    elif hq == 1:
+        h = hk
+        qc = qc.expand(bq + (hk,) + tuple(qc.shape[-2:]))  # (*batch, H_kv, T_q, d)
+    else:
+        raise refuse("k")
+    batch = broadcast_shape(bq, bk, bv)
+    if batch is None:
+        raise refuse("k" if broadcast_shape(bq, bk) is None else "v")
     t_q, t_k = q.shape[-2], k.shape[-2]
-    has_heads = q.dim() >= 4 or grouped  # (..., H, T, d); a 3-D (B, T, d) has one head per batch row
-    h = q.shape[-3] if has_heads else 1
-    h_kv = k.shape[-3] if has_heads else 1
-    b = math.prod(lead[:-1]) if has_heads else math.prod(lead)
-    q4 = q.reshape(b, h, t_q, q.shape[-1])  # (B, H, T_q, d)
-    k4 = k.reshape(b, h_kv, t_k, k.shape[-1])  # (B, H_kv, T_k, d)
-    v4 = v.reshape(b, h_kv, t_k, v.shape[-1])  # (B, H_kv, T_k, d_v)
-    padding = _prepare_padding(key_padding_mask, q, t_k, b, h, h_kv)
-    docs = _prepare_documents(document_ids, q, t_q, t_k, b, has_heads)
-    return _Inputs(q4, k4, v4, padding, docs, lead, causal or window is not None, window, float(scale))
+    b = math.prod(batch)
+    out_lead = (batch + (h,)) if has_heads else batch
+    out_lead = out_lead[len(out_lead) - (n - 2):] if n > 2 else ()  # the caller's layout: eager's output dims
+    padding, pad_per_batch = _prepare_padding(key_padding_mask, q.device, out_lead, t_k, b, h, hk, has_heads)
+    docs = _prepare_documents(document_ids, q.device, out_lead, t_q, t_k, b, has_heads)
+    doc_per_batch = docs is not None and document_ids.dim() == 2 and document_ids.shape[0] > 1
+    q4 = qc.expand(batch + tuple(qc.shape[-3:])).reshape(b, h, t_q, q.shape[-1])  # (B, H, T_q, d)
+    fold = None
+    if b > 1 and math.prod(bk) == 1 and math.prod(bv) == 1 and not pad_per_batch and not doc_per_batch:
+        # K/V shared by every batch row: stack the B batch rows as more rows of each key/value head's tiles
+        # (like the G query heads of a group), so K/V are read once and never copied per batch row.
+        g = h // hk
+        q4 = q4.reshape(b, hk, g, t_q, q.shape[-1]).transpose(0, 1)  # (H_kv, B, G, T_q, d)
+        q4 = q4.reshape(1, hk * b * g, t_q, q.shape[-1])  # (1, H_kv * B * G, T_q, d)
+        k4 = kc.reshape(1, hk, t_k, k.shape[-1])  # (1, H_kv, T_k, d)
+        v4 = vc.reshape(1, hk, t_k, v.shape[-1])  # (1, H_kv, T_k, d_v)
+        padding = None if padding is None else padding[:1]  # (1, H_kv, T_k)
+        docs = None if docs is None else docs[:1]  # (1, T)
+        fold = (b, hk, g)
+    else:
+        k4 = kc.expand(batch + tuple(kc.shape[-3:])).reshape(b, hk, t_k, k.shape[-1])  # (B, H_kv, T_k, d)
+        v4 = vc.expand(batch + tuple(vc.shape[-3:])).reshape(b, hk, t_k, v.shape[-1])  # (B, H_kv, T_k, d_v)
+    return _Inputs(q4, k4, v4, padding, docs, out_lead, causal or window is not None, window, float(scale), fold)
 
 
-def _prepare_padding(mask, q: torch.Tensor, t_k, b, h, h_kv) -> torch.Tensor | None:
-    """Validate ``key_padding_mask`` and bring it to (B, H_kv, T_k) (an expanded view)."""
+def _unfold(x: torch.Tensor, fold: tuple[int, int, int] | None) -> torch.Tensor:
+    """The kernel's (1, H_kv * B * G, T_q, ...) back to (B, H, T_q, ...) (no-op when not folded)."""
+    if fold is None:
+        return x
+    b, h_kv, g = fold
+    rest = tuple(x.shape[2:])
+    x = x.reshape((h_kv, b, g) + rest).transpose(0, 1)  # (B, H_kv, G, T_q, ...)
+    return x.reshape((b, h_kv * g) + rest)  # (B, H, T_q, ...)
+
+
+def _prepare_padding(mask, device, lead: tuple, t_k, b, h, h_kv, has_heads) -> tuple[torch.Tensor | None, bool]:
+    """Validate ``key_padding_mask`` and bring it to (B, H_kv, T_k) (an expanded view); also say whether it
+    varies over the batch (then K/V of batch 1 cannot be folded into the query rows)."""
     if mask is None:
-        return None
+        return None, False
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), got {mask.dtype}")
-    if mask.device != q.device:
-        raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {mask.device}")
-    lead = tuple(q.shape[:-2])
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on the device of q ({device}), got {mask.device}")
     full = lead + (t_k,)
     per_batch = (lead[0], t_k) if lead else (t_k,)
     m = mask
@@ -783,35 +851,46 @@ def _prepare_padding(mask, q: torch.Tensor, t_k, b, h, h_kv) -> torch.Tensor | N
         expected = f"{per_batch}" if per_batch == full else f"{per_batch} or {full}"
         raise ValueError(f"key_padding_mask must have shape {expected} (T_k={t_k}), got {tuple(mask.shape)} "
                          f"(sizes of 1 broadcast; the attention-mask form {lead + (1, t_k)} is accepted too)")
+    batch_dims = len(lead) - 1 if has_heads else len(lead)
+    varies = any(s != 1 for s in m.shape[:batch_dims])
     if h != h_kv:
-        if m.shape[-2] != 1:
+        if has_heads and m.shape[-2] != 1:
             raise ValueError(
                 f"key_padding_mask must be the same for every head with grouped-query attention "
                 f"(H={h}, H_kv={h_kv}): give shape {per_batch}, got {tuple(mask.shape)}")
         m = m.expand(full[:-2] + (1, t_k)).reshape(b, 1, t_k).expand(b, h_kv, t_k)  # (B, H_kv, T_k)
-        return m
-    return m.expand(full).reshape(b, h, t_k)  # (B, H, T_k)
+        return m, varies
+    return m.expand(full).reshape(b, h, t_k), varies  # (B, H, T_k)
 
 
-def _prepare_documents(document_ids, q: torch.Tensor, t_q, t_k, b, has_heads) -> torch.Tensor | None:
+def _check_document_ids(name: str, ids, device) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {ids.device}")
+
+
+def _document_rows(document_ids: torch.Tensor, name: str, lead: tuple, t: int, b: int,
+                   has_heads: bool) -> torch.Tensor:
+    """Ids (B0, T), (1, T) or (T,) with B0 the caller's batch -> the kernel's (B, T) (an expanded view)."""
+    batch = lead[0] if len(lead) >= (2 if has_heads else 1) else 1
+    shape = tuple(document_ids.shape)
+    if shape not in ((batch, t), (1, t), (t,)):
+        raise ValueError(f"{name} must have shape ({batch}, {t}) (batch, tokens) or ({t},), got {shape}")
+    docs = document_ids.reshape(-1, 1, t)  # (B0|1, 1, T)
+    return docs.expand(batch, b // batch, t).reshape(b, t)  # (B, T)
+
+
+def _prepare_documents(document_ids, device, lead: tuple, t_q, t_k, b, has_heads) -> torch.Tensor | None:
     """Validate ``document_ids`` and bring them to (B, T)."""
     if document_ids is None:
         return None
-    if not isinstance(document_ids, torch.Tensor):
-        raise TypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
-    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
-        raise TypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
-    if document_ids.device != q.device:
-        raise ValueError(f"document_ids must be on the device of q ({q.device}), got {document_ids.device}")
+    _check_document_ids("document_ids", document_ids, device)
     if t_q != t_k:
         raise ValueError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
-    lead = tuple(q.shape[:-2])
-    batch = lead[0] if len(lead) >= (2 if has_heads else 1) else 1
-    shape = tuple(document_ids.shape)
-    if shape not in ((batch, t_q), (1, t_q), (t_q,)):
-        raise ValueError(f"document_ids must have shape ({batch}, {t_q}) (batch, tokens) or ({t_q},), got {shape}")
-    docs = document_ids.reshape(-1, 1, t_q)  # (B0|1, 1, T)
-    return docs.expand(batch, b // batch, t_q).reshape(b, t_q)  # (B, T)
+    return _document_rows(document_ids, "document_ids", lead, t_q, b, has_heads)
 
 
 def flash_attention(
@@ -828,14 +907,17 @@ def flash_attention(
     seed: int | torch.Tensor | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention, computed in tiles without the ``T_q x T_k`` matrix.
 
     Args:
         q: queries, (..., H, T_q, d); floating point.
-        k: keys, (..., H_kv, T_k, d); same dtype as ``q``, same leading dims, and ``H_kv == H`` or
-            ``H % H_kv == 0`` (grouped-query attention: query head ``h`` uses key/value head
-            ``h // (H // H_kv)``; K/V are never repeated in memory).
+        k: keys, (..., H_kv, T_k, d); same dtype as ``q``; leading dims equal to q's or broadcasting with
+            them (sizes of 1, e.g. K/V of batch 1 shared by every query batch row: read once, never copied
+            per batch row); ``H_kv == H`` or ``H % H_kv == 0`` (grouped-query attention: query head ``h``
+            uses key/value head ``h // (H // H_kv)``; K/V are never repeated in memory), or a query of one
+            head against ``H_kv`` heads (broadcast).
         v: values, (..., H_kv, T_k, d_v).
         causal: bottom-right aligned causal mask: query ``i`` sees key ``j`` iff
             ``j <= i + (T_k - T_q)``.
@@ -854,10 +936,17 @@ def flash_attention(
         block_q, block_k: tile sizes (query positions, key columns).  Any sequence length works; the
             results do not depend on them beyond floating-point rounding (the dropout mask does).
 
+        return_lse: also return the log-sum-exp of each query row (FlashAttention's convention:
+            natural log, shape (..., H, T_q), float32 for float16/bfloat16/float32 inputs and float64 for
+            float64; ``-inf`` for a row with no allowed key).  It carries no gradient.
+
     Returns:
-        (..., H, T_q, d_v), dtype of ``q`` (the autocast dtype under ``torch.autocast``).  Rows with no
-        allowed key are zeros.  Empty inputs (T_q = 0 or T_k = 0) give empty / zero outputs and zero
-        gradients.
+        (..., H, T_q, d_v), dtype of ``q`` (the autocast dtype under ``torch.autocast``), the broadcast of
+        the leading dims of q, k and v; ``(out, lse)`` with ``return_lse``.  Rows with no allowed key are
+        zeros.  Empty inputs (T_q = 0 or T_k = 0) give empty / zero outputs and zero gradients.  A NaN or
+        inf in one position's q, k or v spreads to every row that may attend that position (every row
+        without a mask), as in ``torch.nn.MultiheadAttention``, and to the rows of the same tile that a
+        mask hides from it (the mask is added to the tile's scores, and -inf + NaN is NaN).
     """
     x = _prepare(q, k, v, causal=causal, window=window, document_ids=document_ids,
                  key_padding_mask=key_padding_mask, scale=scale)
@@ -879,9 +968,14 @@ def flash_attention(
             seed_t = seed.reshape(1).long()
         else:
             seed_t = torch.tensor([int(seed)], dtype=torch.int64)
-    out, _ = _flash_op(x.q, x.k, x.v, x.padding, x.document_ids, seed_t, x.causal, x.window, x.scale,
-                       float(dropout_p), int(block_q), int(block_k))  # (B, H, T_q, d_v)
-    return out.reshape(*x.lead, out.shape[-2], out.shape[-1])  # (..., H, T_q, d_v)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+    out, lse = _flash_op(x.q, x.k, x.v, x.padding, x.document_ids, seed_t, x.causal, x.window, x.scale,
+                         float(dropout_p), int(block_q), int(block_k))  # (B, H, T_q, d_v), (B, H, T_q)
+    out = _unfold(out, x.fold).reshape(*x.lead, out.shape[-2], out.shape[-1])  # (..., H, T_q, d_v)
+    if not return_lse:
+        return out
+    return out, _unfold(lse, x.fold).reshape(*x.lead, lse.shape[-1])  # (..., H, T_q)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -898,6 +992,7 @@ def forward_with_lse(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     window: int | None = None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One block of attention without autograd: ``(out, lse)``.
 
@@ -905,11 +1000,15 @@ def forward_with_lse(
     (float32 for fp16/bf16 input) and lse (..., T_q), the natural-log log-sum-exp of each row's scaled
     scores (-inf for a row with no allowed key, whose out is 0). Two blocks over disjoint keys merge
     exactly: ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
-    Grouped-query k/v and ``window`` (implies causal) as in :func:`flash_attention`.
+    Grouped-query k/v and ``window`` (implies causal) as in :func:`flash_attention`; the leading dims of
+    q, k and v must be equal (no broadcasting here).  ``document_ids``: None or the pair
+    ``(query ids (B, T_q), key ids (B, T_k))`` of a block of a packed sequence: a query sees only keys of
+    its own document, and the tiles with no shared document are skipped.
     """
     x = _prepare(q, k, v, causal=causal, window=window, document_ids=None, key_padding_mask=key_padding_mask,
-                 scale=scale)
-    out, lse = _forward_impl(x.q, x.k, x.v, x.padding, None, None, x.causal, x.window, x.scale, 0.0,
+                 scale=scale, broadcast=False)
+    docs = _block_documents(document_ids, x, q)
+    out, lse = _forward_impl(x.q, x.k, x.v, x.padding, docs, None, x.causal, x.window, x.scale, 0.0,
                              DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, count=False)  # (B, H, T_q, d_v), (B, H, T_q)
     return out.reshape(*x.lead, out.shape[-2], out.shape[-1]), lse.reshape(*x.lead, lse.shape[-1])
 
@@ -926,6 +1025,7 @@ def backward_with_lse(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     window: int | None = None,
+    document_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of one block given the *final* (merged) ``out`` and ``lse`` of its query rows:
     ``(dq, dk, dv)`` in the compute dtype, the block's contribution (sum them over blocks).
@@ -933,11 +1033,28 @@ def backward_with_lse(
     grad_out, out: (..., T_q, d_v); q: (..., T_q, d); k: (..., T_k, d); v: (..., T_k, d_v); lse: (..., T_q).
     """
     x = _prepare(q, k, v, causal=causal, window=window, document_ids=None, key_padding_mask=key_padding_mask,
-                 scale=scale)
+                 scale=scale, broadcast=False)
+    docs = _block_documents(document_ids, x, q)
     b, h, t_q = x.q.shape[:3]
     d_v = x.v.shape[-1]
     dq, dk, dv = _backward_impl(
         grad_out.reshape(b, h, t_q, d_v), x.q, x.k, x.v, out.reshape(b, h, t_q, d_v), lse.reshape(b, h, t_q),
-        x.padding, None, None, x.causal, x.window, x.scale, 0.0, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, count=False,
+        x.padding, docs, None, x.causal, x.window, x.scale, 0.0, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, count=False,
     )
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+def _block_documents(document_ids, x: _Inputs, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The block primitives' ``(query ids (B0, T_q), key ids (B0, T_k))`` as the kernel's (B, T_q), (B, T_k)."""
+    if document_ids is None:
+        return None
+    if not isinstance(document_ids, tuple) or len(document_ids) != 2:
+        raise TypeError("document_ids must be None or a pair (query ids (B, T_q), key ids (B, T_k)), got "
+                        f"{type(document_ids).__name__}")
+    b, t_q, t_k = x.q.shape[0], x.q.shape[2], x.k.shape[2]
+    has_heads = q.dim() >= 4 or x.q.shape[1] != x.k.shape[1]
+    pairs = (("query document ids", document_ids[0], t_q), ("key document ids", document_ids[1], t_k))
+    for name, ids, _t in pairs:
+        _check_document_ids(name, ids, q.device)
+    dq, dk = (_document_rows(ids, name, x.lead, t, b, has_heads) for name, ids, t in pairs)  # (B, T_q), (B, T_k)
+    return dq, dk

@@ -41,6 +41,7 @@ __all__ = [
     "mask_after_softmax",
     "mask_before_softmax",
     "compute_dtype",
+    "masked_scores",
     "scaled_dot_product_attention",
     "kv_groups",
     "repeat_kv",
@@ -253,7 +254,31 @@ def broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...] | 
     return tuple(out)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> int:
+    """Validate q (..., T_q, d_k), k (..., T_k, d_k), v (..., T_k, d_v) (see :func:`_check_qkv_all`) and
+    return :func:`kv_groups` ``(q, k)``.
+
+    A fast path first, since every attention call runs this: it returns at once for the layouts attention
+    is called with (float tensors of one dtype, equal leading dims, or 4-D grouped-query heads with equal
+    batches). Anything else, valid or not, goes through the full check, which raises the same errors."""
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor):
+        qs, ks, vs = q.shape, k.shape, v.shape
+        n = len(qs)
+        dtype = q.dtype
+        if (n >= 2 and len(ks) >= 2 and len(vs) >= 2 and k.dtype == dtype and v.dtype == dtype
+                and q.is_floating_point() and qs[-1] == ks[-1] and ks[-2] == vs[-2]):
+            if qs[:-2] == ks[:-2] == vs[:-2]:
+                return 1  # the same batch/head dims: nothing to broadcast, no head groups
+            if n == 4 and len(ks) == 4 and len(vs) == 4 and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]:
+                h, h_kv = qs[1], ks[1]
+                if h_kv == 1:
+                    return 1  # one key/value head, broadcast over the query heads
+                if h != 1 and h % h_kv == 0:
+                    return h // h_kv  # grouped-query heads (B, H, ., .) with (B, H_kv, ., .)
+    return _check_qkv_all(q, k, v)
+
+
+def _check_qkv_all(q: Tensor, k: Tensor, v: Tensor) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -276,6 +301,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"q, k and v leading (batch/head) dimensions must broadcast, got {tuple(q.shape[:-2])}, "
             f"{tuple(k.shape[:-2])} and {tuple(v.shape[:-2])}"
         )
+    return groups
 
 
 def kv_groups(q: Tensor, k: Tensor) -> int:
@@ -325,6 +351,49 @@ def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask", batch_sh
             )
 
 
+def masked_scores(
+    q: Tensor,
+    k: Tensor,
+    *,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    batch_shape: tuple[int, ...] | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """The scaled scores ``q k^T * scale`` with the masks applied (masked pairs ``-inf``, a float mask
+    added), in the compute dtype: what the softmax of :func:`scaled_dot_product_attention` normalises.
+    ``torch.logsumexp(masked_scores(...), -1)`` is the natural-log log-sum-exp of each query row
+    (``-inf`` for a row with no allowed key), the statistic FlashAttention returns.
+
+    q: (..., T_q, d_k)   k: (..., T_k, d_k) (grouped-query k is repeated)   ->   (..., T_q, T_k)
+    """
+    k = repeat_kv(k, kv_groups(q, k))  # (..., H, T_k, d_k)
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    if mask is not None:
+        check_mask(mask, t_q, t_k, batch_shape=batch_shape)
+    work = compute_dtype(q.dtype)
+    q, k = q.to(work), k.to(work)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = all_pair_scores(q, k) * scale  # (..., T_q, T_k)
+    if softcap is not None:  # Gemma 2's score cap, before any mask: softcap * tanh(score / softcap)
+        scores = torch.tanh(scores / softcap) * softcap  # (..., T_q, T_k)
+    allowed: Tensor | None = None
+    if window is not None:
+        allowed = window_mask(t_q, t_k, window=window, device=q.device)  # (T_q, T_k)
+    else:
+        allowed = causal_mask(t_q, t_k, device=q.device) if causal else None  # (T_q, T_k)
+    if mask is not None and mask.dtype == torch.bool:
+        allowed = and_masks(allowed, mask)  # (..., T_q, T_k)
+    elif mask is not None:
+        scores = scores + mask.to(work)  # (..., T_q, T_k)
+    if allowed is not None:
+        scores = mask_before_softmax(scores, allowed)  # (..., T_q, T_k)
+    return scores
+
+
 @overload
 def scaled_dot_product_attention(
     q: Tensor,
@@ -338,6 +407,7 @@ def scaled_dot_product_attention(
     training: bool = True,
     return_weights: Literal[False] = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor: ...
 
 
@@ -354,6 +424,7 @@ def scaled_dot_product_attention(
     training: bool = True,
     return_weights: Literal[True],
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -370,6 +441,7 @@ def scaled_dot_product_attention(
     training: bool = True,
     return_weights: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -385,6 +457,7 @@ def scaled_dot_product_attention(
     training: bool = True,
     return_weights: bool = False,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Scaled dot-product attention, ``softmax(q k^T * scale + mask) v``, the eager reference.
 
@@ -399,6 +472,7 @@ def scaled_dot_product_attention(
     window:    None or an int >= 1: sliding window, implies causal: query i sees key j iff
                ``i + (T_k - T_q) - window < j <= i + (T_k - T_q)`` (:func:`attnlab.masks.window_mask`).
     scale:     multiplies the scores; default ``1 / sqrt(d_k)``.
+    softcap:   None or c > 0: the scaled scores become ``c * tanh(score / c)`` before the masks (Gemma 2).
     dropout_p: dropout on the weights (scaled by ``1 / (1 - p)``), only when ``training``; it draws
                from torch's global RNG exactly as ``torch.nn.Dropout`` does, so the chapter's seeds work.
 
@@ -406,35 +480,20 @@ def scaled_dot_product_attention(
     returned in the input dtype. Fully masked query rows give zeros, not NaN; no keys at all
     (``T_k = 0``) gives zeros too, with zero gradients, as PyTorch's math kernel does.
     """
-    _check_qkv(q, k, v)
+    groups = _check_qkv(q, k, v)  # kv_groups(q, k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be None or an int >= 1, got {window!r}")
-    groups = kv_groups(q, k)
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (..., H, T_k, d)
-    t_q, t_k = q.shape[-2], k.shape[-2]
-    if mask is not None:
-        batch_shape = broadcast_shape(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        check_mask(mask, t_q, t_k, batch_shape=batch_shape)
+    v = repeat_kv(v, groups)  # (..., H, T_k, d_v)
     out_dtype = q.dtype
-    work = compute_dtype(q.dtype)
-    q, k, v = q.to(work), k.to(work), v.to(work)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-
-    scores = all_pair_scores(q, k) * scale  # (..., T_q, T_k)
-    allowed: Tensor | None = None
-    if window is not None:
-        allowed = window_mask(t_q, t_k, window=window, device=q.device)  # (T_q, T_k)
-    else:
-        allowed = causal_mask(t_q, t_k, device=q.device) if causal else None  # (T_q, T_k)
-    if mask is not None and mask.dtype == torch.bool:
-        allowed = and_masks(allowed, mask)  # (..., T_q, T_k)
-    elif mask is not None:
-        scores = scores + mask.to(work)  # (..., T_q, T_k)
-    if allowed is not None:
-        scores = mask_before_softmax(scores, allowed)
+    k_lead = tuple(k.shape[:-2]) if groups == 1 else (*k.shape[:-3], k.shape[-3] * groups)
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0.0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+    scores = masked_scores(q, k, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
+                           batch_shape=broadcast_shape(q.shape[:-2], k_lead, v.shape[:-2]))  # (..., T_q, T_k)
+    v = v.to(scores.dtype)
     weights = softmax(scores, dim=-1)  # (..., T_q, T_k)
     if dropout_p > 0.0 and training:
         weights = torch.nn.functional.dropout(weights, p=dropout_p, training=True)

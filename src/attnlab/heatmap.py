@@ -30,7 +30,18 @@ from matplotlib.colors import ListedColormap, Normalize, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from attnlab.maps import CMAP, MASKED_COLOR, head_axis, is_map, is_query_row, masked_cells, weights_step
+from attnlab.maps import (
+    CMAP,
+    MASK_REASONS,
+    MASKED_COLOR,
+    head_axis,
+    is_map,
+    is_query_row,
+    masked_cells,
+    masked_reasons,
+    weights_step,
+    write_atomically,
+)
 from attnlab.maps import check_output_path as _check_output_path
 
 if TYPE_CHECKING:
@@ -60,6 +71,8 @@ _MIN_CELL_INCHES = 0.16  # below this labels overlap: the figure grows (up to MA
 _MAX_MAP_INCHES = 24.0  # cells of long inputs shrink below _MIN_CELL_INCHES to keep the maps this wide
 _MAX_TICKS = 96  # tick labels per axis at most (each one is a matplotlib artist: hundreds are slow)
 _MAX_HATCHED = 2500  # more masked cells than this: plain grey (one patch per cell would be slow)
+_HATCHES = ("///", "\\\\\\", "xxx")  # one per reason a cell is masked (the legend tells them apart)
+_DEFAULT_MASKED = "masked (a future token): weight 0"
 
 
 def _as_stack(weights: object) -> np.ndarray:
@@ -124,6 +137,8 @@ def heatmap_figure(
     col_axis: str = "key (attends to)",
     ncols: int | None = None,
     masked_label: str | None = None,
+    masked_groups: Sequence[tuple[str, object]] | None = None,
+    vmin: float = 0.0,
 ) -> Figure:
     """A figure of one attention matrix, or one panel per head side by side.
 
@@ -137,6 +152,9 @@ def heatmap_figure(
     ncols       panels per row (default up to 4); with more than 8 panels the grid is compact: tokens
                 are written on the outer panels only (e.g. 6 layers x 12 heads of a pretrained model)
     masked_label  the legend's words for masked cells (default "masked (a future token): weight 0")
+    masked_groups  instead, masked cells by reason: ``(legend words, boolean cells)`` pairs (e.g. the causal
+                future and the earlier tokens outside a window), each with its own hatch and legend entry
+    vmin        bottom of the colour scale (default 0)
 
     At most ``MAX_PIXELS`` on the longest side; long inputs get thinned tick labels and no values in
     the cells (unless ``annotate=True``).
@@ -158,11 +176,28 @@ def heatmap_figure(
         except ValueError:
             raise ValueError(f"masked of shape {np.asarray(masked).shape} does not fit weights of shape "
                              f"{stack.shape}") from None
+    groups: list[tuple[str, np.ndarray]] = []
+    for label, cells in masked_groups or ():
+        try:
+            group = np.broadcast_to(np.asarray(cells, dtype=bool), stack.shape)  # (H, T_q, T_k)
+        except ValueError:
+            raise ValueError(f"masked_groups {label!r}: cells of shape {np.asarray(cells).shape} do not fit "
+                             f"weights of shape {stack.shape}") from None
+        groups.append((label, group))
+        mask |= group
     mask |= ~np.isfinite(stack)
+    grouped = np.zeros(stack.shape, dtype=bool)
+    for _, group in groups:
+        grouped |= group
+    if mask.any() and (not groups or (mask & ~grouped).any()):  # cells of no group: the default words
+        groups.insert(0, (masked_label or _DEFAULT_MASKED, mask & ~grouped))
+    hatch_of = np.zeros(stack.shape, dtype=np.int8)  # (H, T_q, T_k): index into _HATCHES of each masked cell
+    for g, (_, group) in reversed(list(enumerate(groups))):
+        hatch_of[group] = g % len(_HATCHES)
 
     shown = stack[~mask]
     top = float(vmax) if vmax is not None else (float(shown.max()) if shown.size else 1.0)
-    norm = Normalize(vmin=0.0, vmax=max(top, 1e-6))
+    norm = Normalize(vmin=vmin, vmax=max(top, vmin + 1e-6))
     cmap = ListedColormap(_viridis_colors(), name=CMAP)
     grey = to_rgba(MASKED_COLOR)
 
@@ -205,7 +240,7 @@ def heatmap_figure(
                             dpi=dpi, n_cols=n_cols, n_rows=n_rows, row_ticks=row_ticks, col_ticks=col_ticks,
                             tick_size=tick_size, digits=digits, fontsize=fontsize, hatched=hatched,
                             colorbar_label=colorbar_label, row_axis=row_axis, col_axis=col_axis,
-                            masked_label=masked_label or "masked (a future token): weight 0")
+                            groups=groups, hatch_of=hatch_of)
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi, layout="constrained")
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     FigureCanvasAgg(fig)
@@ -223,7 +258,7 @@ def heatmap_figure(
         if hatched:
             for i, j in zip(*np.nonzero(mask[h]), strict=True):
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=MASKED_COLOR, edgecolor="#a6a6a6",
-                                       hatch="///", linewidth=0.0))
+                                       hatch=_HATCHES[hatch_of[h, i, j]], linewidth=0.0))
         bottom = h // n_cols == n_rows - 1 or h + n_cols >= n_heads
         left = h % n_cols == 0
         ax.set_xticks(col_ticks, [cols[j] for j in col_ticks], rotation=45 if longest > 3 or every > 1 else 0,
@@ -260,10 +295,8 @@ def heatmap_figure(
         bar.ax.tick_params(labelsize=8)
         bar.outline.set_visible(False)
     if mask.any():
-        label = masked_label or "masked (a future token): weight 0"
-        fig.legend(handles=[Patch(facecolor=MASKED_COLOR, edgecolor="#a6a6a6", hatch="///" if hatched else None,
-                                  label=label)],
-                   loc="outside lower center", fontsize=8, frameon=False)
+        fig.legend(handles=_legend_handles(groups, hatched), loc="outside lower center", fontsize=8, frameon=False,
+                   ncols=1)
     if suptitle:
         fig.suptitle(suptitle, fontsize=12)
     return fig
@@ -273,7 +306,7 @@ def _grid_figure(stack: np.ndarray, mask: np.ndarray, rows: list[str], cols: lis
                  cmap, norm, grey, cell_in: float, label_in: float, fig_w: float, fig_h: float, dpi: float,
                  n_cols: int, n_rows: int, row_ticks: list[int], col_ticks: list[int], tick_size: float,
                  digits: int | None, fontsize: float, hatched: bool, colorbar_label: str, row_axis: str,
-                 col_axis: str, masked_label: str) -> Figure:
+                 col_axis: str, groups: list[tuple[str, np.ndarray]], hatch_of: np.ndarray) -> Figure:
     """Many panels (e.g. 6 layers x 12 heads) as one picture: the panels are laid side by side in one
     RGBA image with gaps, on one axes; tokens are written beside the outer panels, titles above each."""
     n_heads, t_q, t_k = stack.shape
@@ -316,7 +349,7 @@ def _grid_figure(stack: np.ndarray, mask: np.ndarray, rows: list[str], cols: lis
         for h, (y0, x0) in enumerate(origins):
             for i, j in zip(*np.nonzero(mask[h]), strict=True):
                 ax.add_patch(Rectangle((x0 + j - 0.5, y0 + i - 0.5), 1, 1, facecolor=MASKED_COLOR,
-                                       edgecolor="#a6a6a6", hatch="///", linewidth=0.0))
+                                       edgecolor="#a6a6a6", hatch=_HATCHES[hatch_of[h, i, j]], linewidth=0.0))
     if digits is not None:
         for h, (y0, x0) in enumerate(origins):
             for i in range(t_q):
@@ -333,11 +366,16 @@ def _grid_figure(stack: np.ndarray, mask: np.ndarray, rows: list[str], cols: lis
     fig.supylabel(row_axis, fontsize=9)
     fig.supxlabel(col_axis, fontsize=9)
     if mask.any():
-        fig.legend(handles=[Patch(facecolor=MASKED_COLOR, edgecolor="#a6a6a6", hatch="///" if hatched else None,
-                                  label=masked_label)], loc="lower center", fontsize=8, frameon=False)
+        fig.legend(handles=_legend_handles(groups, hatched), loc="lower center", fontsize=8, frameon=False)
     if suptitle:
         fig.suptitle(suptitle, fontsize=12)
     return fig
+
+
+def _legend_handles(groups: list[tuple[str, np.ndarray]], hatched: bool) -> list[Patch]:
+    """One legend entry per reason a cell is masked, with the hatch its cells are drawn with."""
+    return [Patch(facecolor=MASKED_COLOR, edgecolor="#a6a6a6", hatch=_HATCHES[g % len(_HATCHES)] if hatched else None,
+                  label=label) for g, (label, cells) in enumerate(groups) if cells.any()]
 
 
 def _viridis_colors() -> np.ndarray:
@@ -362,8 +400,9 @@ def save_figure(fig: Figure, path: str | Path, *, force: bool = False) -> Path:
     width, height = fig.get_size_inches() * fig.dpi
     quick = png and width * height > 4e6  # big pictures: a faster zlib level (a few % larger, 3x faster)
     extra: dict[str, Any] = {"pil_kwargs": {"compress_level": 2}} if quick else {}
-    fig.savefig(path, format=FORMATS[path.suffix.lower()], dpi=fig.dpi, facecolor="white",
-                metadata={"Software": None} if png else None, **extra)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=FORMATS[path.suffix.lower()], dpi=fig.dpi,
+                                                   facecolor="white", metadata={"Software": None} if png else None,
+                                                   **extra))
     return path
 
 
@@ -386,12 +425,27 @@ def _section_of(walkthrough: Walkthrough, section: str) -> str:
     return sec
 
 
-def _masked_words(kind: str) -> str:
-    if kind == "mask_before":
-        return "masked (a future token): score set to −inf"
-    if kind == "mask":
-        return "masked (a future token): mask 0, may not attend"
-    return "masked (a future token): weight 0"
+def _masked_words(kind: str, reason: str = "future") -> str:
+    """The legend's words for masked cells: why they are hidden (:data:`attnlab.maps.MASK_REASONS`) and what
+    the step holds there."""
+    if kind in ("mask_before", "attn_scores"):
+        what = "score set to −inf"
+    elif kind == "mask":
+        what = "slot still empty" if reason == "cache" else "mask 0, may not attend"
+    elif kind == "out_of_window":
+        what = "not counted here"
+    else:
+        what = "weight 0"
+    return f"masked ({MASK_REASONS[reason]}): {what}"
+
+
+# What the colour of a map's step means, by its symbol (default: the symbol itself).
+_COLORBAR_LABELS = {
+    "weight": "attention weight",
+    "hidden": "1 = an earlier token outside the window (hidden), 0 = inside it",
+    "mask": "mask: 1 = may attend",
+    "cached": "1 = slot filled (cached)",
+}
 
 
 def walkthrough_figure(
@@ -428,10 +482,13 @@ def walkthrough_figure(
         chosen = weights_step(walkthrough, _section_of(walkthrough, section))
     values = np.asarray(chosen.values, dtype=np.float64)
     masked = masked_cells(walkthrough, chosen)
+    kind = chosen.how.kind if chosen.how is not None else ""
+    groups = [(_masked_words(kind, reason), cells) for reason, cells in masked_reasons(walkthrough, chosen)]
     row_labels = list(chosen.labels[-2]) if values.ndim >= 2 else [walkthrough.query_label]
     if values.ndim == 1:  # the query's own row (section simple): one row of keys
         values = values[None]  # (1, T_k)
         masked = None if masked is None else masked[None]  # (1, T_k)
+        groups = [(label, cells[None]) for label, cells in groups]  # (1, T_k) each
     h_axis = head_axis(chosen)
     lead_axes = values.ndim - 2
     if lead_axes > 1 or (lead_axes == 1 and h_axis is None):
@@ -445,13 +502,14 @@ def walkthrough_figure(
         if not 1 <= head <= len(head_labels):
             raise ValueError(f"--head must be from 1 to {len(head_labels)}, got {head}")
         values, masked = values[head - 1], (None if masked is None else masked[head - 1])  # (T_q, T_k)
+        groups = [(label, cells[head - 1]) for label, cells in groups]  # (T_q, T_k) each
         titles = None
         panel = f", head {head_labels[head - 1]}"
     else:
         titles = [f"head {label}" for label in head_labels] if h_axis is not None else None
         panel = ""
     section_title = walkthrough.section_titles.get(chosen.section, chosen.section)
-    kind = chosen.how.kind if chosen.how is not None else ""
+    binary = kind in ("mask", "out_of_window")  # 0/1 maps: the scale runs from 0 to 1 whatever is shown
     return heatmap_figure(
         values,
         row_labels,
@@ -460,8 +518,11 @@ def walkthrough_figure(
         suptitle=f"{chosen.title}{panel}\n{section_title}",
         masked=masked,
         annotate=annotate,
-        colorbar_label={"weight": "attention weight"}.get(chosen.symbol, chosen.symbol),
+        colorbar_label=_COLORBAR_LABELS.get(chosen.symbol, chosen.symbol),
         masked_label=_masked_words(kind),
+        masked_groups=groups,
+        vmax=1.0 if binary else None,
+        decimals=0 if binary else 4,
     )
 
 
@@ -472,7 +533,7 @@ def maps_figure(
     head: int | None = None,
     query: str | int | None = None,
     annotate: bool | None = None,
-    model: str = "all-MiniLM-L6-v2",
+    model: str | None = None,
 ) -> Figure:
     """Heatmaps of a pretrained encoder's attention (``load_encoder().attention(text)``).
 
@@ -486,6 +547,10 @@ def maps_figure(
 
     weights = np.asarray(maps.weights, dtype=np.float64)  # (L, H, T, T)
     n_layers, n_heads = weights.shape[:2]
+    model = model or getattr(maps, "model", None) or "all-MiniLM-L6-v2"
+    hidden = getattr(maps, "masked", None)  # (L, T, T) bool: cells the model's mask hid (a decoder's future)
+    hid = None if hidden is None else np.broadcast_to(np.asarray(hidden, dtype=bool)[:, None],
+                                                         weights.shape)  # (L, H, T, T)
     for name, value, size in (("--layer", layer, n_layers), ("--head", head, n_heads)):
         if value is not None and not 1 <= value <= size:
             raise ValueError(f"{name} must be from 1 to {size}, got {value}")
@@ -501,21 +566,27 @@ def maps_figure(
         rows = weights[np.ix_(layers, heads)][:, :, qi, :].reshape(len(layers) * len(heads), -1)  # (L'H', T)
         names = [f"L{i + 1} H{h + 1}" for i in layers for h in heads]
         return heatmap_figure(rows, names, labels, annotate=annotate, row_axis="layer, head",
+                              masked=None if hid is None else hid[np.ix_(layers, heads)][:, :, qi, :].reshape(
+                                  rows.shape),  # (L'H', T)
                               col_axis=f"key (what {labels[qi]} attends to)",
                               suptitle=f"What {labels[qi]} attends to, in every layer and head shown\n{where}")
     if layer is not None and head is not None:
         return heatmap_figure(weights[layer - 1, head - 1], labels, annotate=annotate,
+                              masked=None if hid is None else hid[layer - 1, head - 1],
                               suptitle=f"Attention weights of layer {layer}, head {head}\n{where}")
     if layer is not None:
         return heatmap_figure(weights[layer - 1], labels, titles=[f"head {h + 1}" for h in range(n_heads)],
+                              masked=None if hid is None else hid[layer - 1],
                               annotate=annotate, suptitle=f"Attention weights of layer {layer}\n{where}",
                               ncols=min(n_heads, 6))
     if head is not None:
         return heatmap_figure(weights[:, head - 1], labels, titles=[f"layer {i + 1}" for i in range(n_layers)],
+                              masked=None if hid is None else hid[:, head - 1],
                               annotate=annotate, suptitle=f"Attention weights of head {head}\n{where}",
                               ncols=min(n_layers, 6))
     flat = weights.reshape(n_layers * n_heads, *weights.shape[2:])  # (L * H, T, T)
     titles = [f"L{i + 1} H{h + 1}" for i in range(n_layers) for h in range(n_heads)]
     return heatmap_figure(flat, labels, titles=titles, annotate=False if annotate is None else annotate,
+                          masked=None if hid is None else hid.reshape(flat.shape),  # (L * H, T, T)
                           suptitle=f"Attention weights of every layer (rows) and head (columns)\n{where}",
                           ncols=n_heads)

@@ -32,10 +32,14 @@ class MultiHeadLatentAttention(nn.Module):
     latent_dim=None, causal=True, backend="auto")`` (the chapter's arguments first, in the chapter's
     order); ``latent_dim`` defaults to ``max(16, d_out // 8)`` as in the book's bonus code.
 
-    forward(x, *, key_padding_mask=None, need_weights=False, cache=None): as
-    :meth:`attnlab.MultiHeadAttention.forward`; the cache (:meth:`new_cache`, a
+    forward(x, *, key_padding_mask=None, need_weights=False, cache=None, position_ids=None): as
+    :meth:`attnlab.MultiHeadAttention.forward` (``position_ids`` with a cache only: the causal mask's
+    positions, as the module has no rotary embeddings); the cache (:meth:`new_cache`, a
     :class:`~attnlab.cache.KVCache` with ``value_dim=0``) holds the latents, and the keys and values of
     all cached tokens are projected up from them at each step.
+
+    A NaN or inf in one position's input turns every output that attends that position into NaN, as in
+    ``torch.nn.MultiheadAttention``.
 
     x: (B, T, d_in)   ->   (B, T, d_out)
     """
@@ -97,6 +101,7 @@ class MultiHeadLatentAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         need_weights: bool = False,
         cache: KVCache | None = None,
+        position_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_query.weight.dtype)
         b, num_tokens, _ = x.shape
@@ -109,7 +114,8 @@ class MultiHeadLatentAttention(nn.Module):
                                 f"(keys only, head_dim={self.latent_dim}), got {cache!r}")
             if not self.causal:
                 raise ValueError("a cache is for causal decoding: build the module with causal=True")
-            step = cache.update(latent[:, None], None, key_padding_mask)  # latents of all S slots: (B, 1, S, L)
+            cache.claim(self)
+            step = cache.update(latent[:, None], None, key_padding_mask, positions=position_ids)  # (B, 1, S, L)
             all_latent = step.keys[:, 0]  # (B, S, L)
             keys = self._heads(self.W_UK(all_latent))  # (B, H, S, hd)
             values = self._heads(self.W_UV(all_latent))  # (B, H, S, hd)
@@ -118,6 +124,9 @@ class MultiHeadLatentAttention(nn.Module):
                 backend=self.backend, need_weights=need_weights,
             )
         else:
+            if position_ids is not None:
+                raise ValueError("position_ids are for a cache (its causal mask): without one, a module with no "
+                                 "rotary embeddings has no use for positions")
             keys = self._heads(self.W_UK(latent))  # (B, H, T, hd)
             values = self._heads(self.W_UV(latent))  # (B, H, T, hd)
             mask = None

@@ -8,6 +8,10 @@ numbers were made from (for hover text), and which step holds a section's attent
 
 from __future__ import annotations
 
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,12 +28,22 @@ __all__ = [
     "head_axis",
     "is_map",
     "is_query_row",
+    "MASK_REASONS",
     "masked_cells",
+    "masked_reasons",
     "weights_step",
+    "write_atomically",
 ]
 
 CMAP = "viridis"  # the colour map of both pictures: low weights dark, high weights yellow
 MASKED_COLOR = "#d9d9d9"  # masked (future) cells, the same grey in the figure and the page
+
+# Why a cell is masked, in the words of both pictures' legends and tooltips (see :func:`masked_reasons`).
+MASK_REASONS = {
+    "future": "a future token the causal mask hides",
+    "window": "an earlier token outside the window",
+    "cache": "a token not yet cached (its key is written at a later step)",
+}
 
 # Operations whose output cell (i, j) is made from the same cell (i, j) of their first operand: the hover
 # text follows them back, e.g. weight <- softmax <- scaled score <- score = q_i · k_j.
@@ -70,12 +84,17 @@ def _ancestors(walk: Walkthrough, step: Step) -> list[Step]:
 
 
 def masked_cells(walk: Walkthrough, step: Step) -> np.ndarray | None:
-    """Boolean array of ``step.values``' shape, True where a mask hides the cell (a future token), for a
-    map (or 1-D query row); None for other steps. Read from the recorded mask step (value 0 = masked) and
+    """Boolean array of ``step.values``' shape, True where a mask hides the cell (a future token, an earlier
+    token outside a window, a slot not yet cached: :func:`masked_reasons` tells them apart), for a map (or
+    1-D query row); None for other steps. The window's map of hidden tokens (``out_of_window``) shows those
+    tokens as its content: only its causal future is masked. Read from the recorded mask step (value 0 = masked) and
     from recorded ``-inf`` scores that the step was computed from."""
     if not (is_map(step) or is_query_row(step)):
         return None
     shape = step.values.shape
+    if step.how is not None and step.how.kind == "out_of_window":
+        # the window's hidden cells are this map's content (value 1), not masked: only the causal future is
+        return _future(shape, walk.query)
     masked = np.zeros(shape, dtype=bool)
     for source in _ancestors(walk, step):
         if not (is_map(source) or is_query_row(source)):
@@ -91,6 +110,32 @@ def masked_cells(walk: Walkthrough, step: Step) -> np.ndarray | None:
     if not masked.any() and _looks_causal(step):
         masked |= np.triu(np.ones(shape[-2:], dtype=bool), k=1 + shape[-1] - shape[-2])  # (..., T_q, T_k)
     return masked
+
+
+def _future(shape: tuple[int, ...], query: int) -> np.ndarray:
+    """The cells of a causal mask's future: key j after query i (bottom-right aligned), or after the
+    walkthrough's query for a 1-D row."""
+    if len(shape) == 1:
+        return np.arange(shape[0]) > query
+    t_q, t_k = shape[-2:]
+    return np.broadcast_to(np.triu(np.ones((t_q, t_k), dtype=bool), k=1 + t_k - t_q), shape).copy()
+
+
+def masked_reasons(walk: Walkthrough, step: Step) -> list[tuple[str, np.ndarray]]:
+    """Why the masked cells of a map are hidden: ``(reason, cells)`` pairs, a key of :data:`MASK_REASONS`
+    and a boolean array of the step's shape; together they cover :func:`masked_cells`. Section ``cache``:
+    slots not yet cached; section ``window``: the causal future and the earlier tokens outside the window;
+    every other mask is causal (the future). Empty for a step without masked cells."""
+    masked = masked_cells(walk, step)
+    if masked is None or not masked.any():
+        return []
+    if step.section == "cache":
+        return [("cache", masked)]
+    if step.section == "window":
+        future = _future(masked.shape, walk.query)
+        pairs = [("future", masked & future), ("window", masked & ~future)]
+        return [(reason, cells) for reason, cells in pairs if cells.any()]
+    return [("future", masked)]
 
 
 def _looks_causal(step: Step) -> bool:
@@ -152,7 +197,8 @@ def check_output_path(path: str | Path, *, force: bool = False, formats: dict[st
     """The output path, checked before any work: a known extension, and no existing file unless ``force``.
 
     Raises ValueError (unknown extension), IsADirectoryError, FileExistsError (a file is there and
-    ``force`` is False) or FileNotFoundError (no such folder)."""
+    ``force`` is False), FileNotFoundError (no such folder) or PermissionError (the folder takes no new
+    file, or the existing file is not writable), so that no work is done for a file that cannot be written."""
     path = Path(path)
     if path.suffix.lower() not in formats:
         raise ValueError(f"cannot write {str(path)!r}: unknown extension {path.suffix or '(none)'!r}; "
@@ -164,4 +210,27 @@ def check_output_path(path: str | Path, *, force: bool = False, formats: dict[st
         raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
     if not path.parent.exists():
         raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    if not path.parent.is_dir():
+        raise NotADirectoryError(f"cannot write {str(path)!r}: {str(path.parent)!r} is not a folder")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"cannot write {str(path)!r}: the file is not writable; choose another name")
+    try:  # the one sure test: create (and remove) a file beside it
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".attnlab-write-test-")
+    except OSError as exc:
+        raise PermissionError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} takes no new file "
+                              f"({exc.strerror or exc}); choose another folder") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a failure half-way
+    leaves no half-written file (and an existing one as it was)."""
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")  # created as any new file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

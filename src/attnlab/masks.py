@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["causal_mask", "padding_mask", "and_masks", "or_masks", "window_mask", "to_additive"]
+__all__ = ["causal_mask", "document_mask", "padding_mask", "and_masks", "or_masks", "window_mask", "to_additive"]
 
 
 def _check_length(name: str, value: object) -> None:
@@ -59,6 +59,31 @@ def window_mask(
     i = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)  # (T_q, 1): the key aligned with query i
     j = torch.arange(t_k, device=device)[None, :]  # (1, T_k)
     return (j <= i) & (j > i - window)  # (T_q, T_k)
+
+
+def document_mask(doc_q: Tensor, doc_k: Tensor | None = None) -> Tensor:
+    """Boolean packed-sequence mask: a query may attend a key of its own document only.
+
+    doc_q: integer document ids of the queries, (T_q,) or (B, T_q); doc_k: of the keys, (T_k,) or
+    (B, T_k) (default: ``doc_q``, self-attention). Returns (T_q, T_k) for 1-D ids, else (B, 1, T_q, T_k),
+    which broadcasts over the heads of (B, H, T_q, T_k) scores. Compose it with the others:
+    ``and_masks(causal_mask(T), document_mask(ids))`` is causal attention inside each document.
+    """
+    doc_k = doc_q if doc_k is None else doc_k
+    for name, ids in (("doc_q", doc_q), ("doc_k", doc_k)):
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"{name} must be an integer torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must have an integer dtype (document ids), got {ids.dtype}")
+        if ids.dim() not in (1, 2):
+            raise ValueError(f"{name} must have shape (num_tokens,) or (batch, num_tokens), got {tuple(ids.shape)}")
+    if doc_q.dim() == 1 and doc_k.dim() == 1:
+        return doc_q[:, None] == doc_k[None, :]  # (T_q, T_k)
+    q2, k2 = doc_q.reshape(-1, doc_q.shape[-1]), doc_k.reshape(-1, doc_k.shape[-1])  # (B|1, T_q), (B|1, T_k)
+    if q2.shape[0] != k2.shape[0] and 1 not in (q2.shape[0], k2.shape[0]):
+        raise ValueError(f"doc_q and doc_k must have the same batch size, got {tuple(doc_q.shape)} and "
+                         f"{tuple(doc_k.shape)}")
+    return (q2[:, :, None] == k2[:, None, :]).unsqueeze(1)  # (B, 1, T_q, T_k)
 
 
 def padding_mask(key_padding_mask: Tensor) -> Tensor:

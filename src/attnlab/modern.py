@@ -31,15 +31,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attnlab.cache import LayerCaches
 from attnlab.latent import MultiHeadLatentAttention
 from attnlab.modules import MultiHeadAttention
 from attnlab.rope import RotaryEmbedding
 
 __all__ = [
+    "DecoderConfig",
     "MODERN",
     "ModernVariant",
     "PlainAttention",
     "PlainLatentAttention",
+    "TinyDecoder",
     "book_compute_rope",
     "book_precompute_rope_params",
     "build_modern",
@@ -263,3 +266,80 @@ def plain_reference(module: MultiHeadAttention | MultiHeadLatentAttention) -> nn
     ref.train(module.training)
     return ref
 
+
+
+# --------------------------------------------------------------------------------------------------
+# A small reference decoder for attnlab.generate (Llama-shaped: RMSNorm, RoPE attention, SwiGLU)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The shape of :class:`TinyDecoder`; defaults make a model of about 0.2M parameters."""
+
+    vocab_size: int = 97  # tokens
+    d_model: int = 32  # width
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query)
+    context_length: int = 256  # longest sequence
+    window_size: int | None = None  # sliding-window attention (its layers then decode through rolling caches)
+    latent_dim: int | None = None  # not None: multi-head latent attention with this latent (no RoPE)
+    backend: str = "auto"  # attention backend of every layer
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+        self.att: MultiHeadAttention | MultiHeadLatentAttention
+        if cfg.latent_dim is not None:
+            self.att = MultiHeadLatentAttention(d, d, cfg.context_length, 0.0, cfg.n_heads, latent_dim=cfg.latent_dim,
+                                                backend=cfg.backend)
+        else:
+            self.att = MultiHeadAttention(d, d, cfg.context_length, 0.0, cfg.n_heads, num_kv_groups=cfg.n_kv_heads,
+                                          window_size=cfg.window_size, rope=True, out_bias=False, backend=cfg.backend)
+        self.gate, self.up = nn.Linear(d, 4 * d, bias=False), nn.Linear(d, 4 * d, bias=False)
+        self.down = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x: Tensor, cache, position_ids: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+        h = self.norm1(x)  # (B, T, d)
+        if isinstance(self.att, MultiHeadLatentAttention):
+            attended = self.att(h, cache=cache, position_ids=position_ids if cache is not None else None,
+                                key_padding_mask=key_padding_mask)
+        else:
+            attended = self.att(h, cache=cache, position_ids=position_ids, key_padding_mask=key_padding_mask)
+        x = x + attended  # (B, T, d)
+        h = self.norm2(x)  # (B, T, d)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))  # (B, T, d)
+
+
+class TinyDecoder(nn.Module):
+    """A Llama-shaped decoder built from attnlab's attention, the reference model of :func:`attnlab.generate`:
+    token embeddings, ``n_layers`` pre-RMSNorm blocks (RoPE grouped-query attention, or latent attention; a
+    SwiGLU feed-forward), a final norm and an output head.
+
+    ``forward(idx, caches=None, *, position_ids=None, key_padding_mask=None)``: idx (B, T) token ids ->
+    logits (B, T, vocab); ``caches`` a :class:`attnlab.cache.LayerCaches` from :meth:`new_caches`."""
+
+    def __init__(self, cfg: DecoderConfig = DecoderConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList([_DecoderBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.out_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def new_caches(self, batch_size: int, max_tokens: int, *, dtype: torch.dtype | None = None) -> LayerCaches:
+        """One cache per layer (rolling for sliding-window layers shorter than ``max_tokens``)."""
+        return LayerCaches.for_model(self, batch_size, max_tokens, dtype=dtype)
+
+    def forward(
+        self, idx: Tensor, caches: LayerCaches | None = None, *, position_ids: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = self.tok_emb(idx)  # (B, T, d)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], position_ids, key_padding_mask)  # (B, T, d)
+        return self.out_head(self.final_norm(x))  # (B, T, vocab)

@@ -18,7 +18,7 @@ hd head_dim = d_out / H.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from attnlab import backends
 from attnlab import functional as F
 from attnlab.cache import CacheStep, KVCache, RollingKVCache
-from attnlab.masks import and_masks, padding_mask, window_mask
+from attnlab.masks import and_masks, causal_mask, padding_mask, window_mask
 from attnlab.rope import PositionalEncoding, RotaryEmbedding
 
 __all__ = [
@@ -37,6 +37,8 @@ __all__ = [
     "MultiHeadAttention",
     "SelfAttentionV1",
     "SelfAttentionV2",
+    "BOOK_MASK_LIMIT",
+    "positions_within_documents",
 ]
 
 
@@ -228,6 +230,31 @@ class MultiHeadAttentionWrapper(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+BOOK_MASK_LIMIT = 1024
+"""Largest ``context_length`` whose ``state_dict`` carries the book's full (T, T) causal ``mask`` (4 MiB in
+float32 at the book's GPT-2 context of 1024): what the book's classes load. Above it the saved ``mask`` is
+an empty (0, 0) tensor, so a 128k-token layer's checkpoint holds no 64 GiB matrix."""
+
+
+def _is_causal_mask(saved: Tensor) -> bool:
+    """Whether a saved ``mask`` is the chapter's ``triu(ones(n, n), 1)`` (any n, the empty one included)."""
+    if saved.dim() != 2 or saved.shape[0] != saved.shape[1]:
+        return False
+    n = saved.shape[0]
+    return bool(torch.equal(saved != 0, torch.ones(n, n, dtype=torch.bool, device=saved.device).triu(1)))
+
+
+def _save_book_mask(module: Any, state_dict: dict, prefix: str, local_metadata: object) -> None:
+    """state_dict post-hook: the chapter's ``mask`` entry, first among the module's own keys (the book's
+    order), built at save time (the module holds no T x T matrix)."""
+    n, like = module.context_length, module._mask_like
+    saved = (torch.ones(n, n, dtype=like.dtype, device=like.device).triu(1) if n <= BOOK_MASK_LIMIT
+             else like.new_zeros(0, 0))  # (n, n) or (0, 0)
+    own = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
+    state_dict[prefix + "mask"] = saved
+    state_dict.update(own)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with one projection per query/key/value split into heads, and an output
     projection (chapter 3.6.2).
@@ -243,7 +270,7 @@ class MultiHeadAttention(nn.Module):
       window_size=None     sliding-window attention (needs causal=True): a query attends to itself and
                            the window_size - 1 keys before it (the book's sliding-window bonus);
       rope=None            True: rotary position embeddings on queries and keys (Llama's rotate-half,
-                           base rope_base; :mod:`attnlab.rope`); or any callable
+                           base rope_base, a finite number > 1; :mod:`attnlab.rope`); or any callable
                            ``rope(queries, keys, positions) -> (queries, keys)``, the hook for another
                            positional scheme (see :mod:`attnlab.rope`);
       context_parallel     an object whose ``.attention(q, k, v, causal=, key_padding_mask=, scale=)``
@@ -251,8 +278,18 @@ class MultiHeadAttention(nn.Module):
                            ``.positions(T, device)`` gives its tokens' global positions, for RoPE), such
                            as :class:`attnlab.distributed.ContextParallel`; forward then calls it instead
                            of :func:`attnlab.backends.attention`.
-      These combine freely: Llama is ``num_kv_groups`` + ``rope``, Mistral adds ``window_size``.
-    forward(x, context=None, *, key_padding_mask=None, attn_mask=None, need_weights=False, cache=None):
+      The shapes of real checkpoints (see :meth:`from_hf`):
+      head_dim=None        each head's width; None = d_out // num_heads (the chapter). Given, the queries
+                           are num_heads * head_dim wide and out_proj maps that back to d_out (Qwen3:
+                           16 heads of 128 in a 1024-wide model);
+      out_bias=True        whether out_proj has a bias (the chapter's has; Llama's, Mistral's and Qwen's
+                           o_proj do not);
+      qk_norm=None         an RMSNorm eps: RMS-normalise each head's queries and keys (``q_norm``,
+                           ``k_norm``, weights of head_dim) before RoPE, as Qwen3 does.
+      These combine freely: Llama is ``num_kv_groups`` + ``rope`` + ``out_bias=False``, Mistral adds
+      ``window_size``, Qwen2 ``qkv_bias=True``, Qwen3 ``head_dim`` and ``qk_norm``.
+    forward(x, context=None, *, key_padding_mask=None, attn_mask=None, need_weights=False, cache=None,
+            position_ids=None, document_ids=None):
       context              (B, T_k, d_in): cross-attention, keys and values from ``context`` (an
                            encoder's output) instead of ``x``; needs causal=False; key_padding_mask
                            then masks the context's tokens, (B, T_k);
@@ -260,12 +297,29 @@ class MultiHeadAttention(nn.Module):
                            ``torch.nn.MultiheadAttention``; with a cache, (B, T) for the new tokens;
       attn_mask            bool, **True = may attend** (the package convention), or float added to the
                            scores; shape (T, T), (B, T, T) or (B, H, T, T); composes with the causal
-                           mask and the padding mask;
+                           mask and the padding mask; with a cache, bool (T, T) or (B, T, T): how the
+                           new tokens see each other (a tree of draft tokens), the cached ones by position;
       need_weights         also return the attention weights (B, H, T, T) (the eager path);
       cache                a :class:`attnlab.cache.KVCache` / :class:`~attnlab.cache.RollingKVCache`
                            (from :meth:`new_cache`): x holds the *new* tokens, which attend to the cached
-                           ones and are added to them (decoding; needs causal=True).
-    A query whose keys are all masked out gets a context vector of zeros (before ``out_proj``).
+                           ones and are added to them (decoding; needs causal=True). The first layer that
+                           uses a cache owns it: one cache per layer (:class:`attnlab.cache.LayerCaches`);
+      position_ids         integer (B, T) or (T,): the tokens' positions for RoPE and, with a cache, for
+                           the causal mask (default: 0..T-1, after the cached tokens, or within each
+                           document when document_ids are given);
+      document_ids         integer (B, T) or (T,): packed sequences, a token attends only the tokens of
+                           its own document (the flash kernel skips the other documents' tiles); RoPE
+                           positions restart at each document unless position_ids are given.
+    A query whose keys are all masked out gets a context vector of zeros (before ``out_proj``). A NaN or
+    inf in one position's input turns every output that attends that position into NaN (with the causal
+    mask: that position's and every later one's; without a mask: every position's), as in
+    ``torch.nn.MultiheadAttention``.
+
+    The chapter's ``mask`` buffer is built on first use of ``module.mask`` (the book's code paths), not at
+    construction: building allocates nothing quadratic in context_length. The ``state_dict`` still starts
+    with ``mask``: the book's (context_length, context_length) matrix up to :data:`BOOK_MASK_LIMIT` tokens
+    (so the book's class loads it), an empty one above. Loading accepts any causal ``mask`` (the book's
+    classes' state_dicts at any context_length, with ``strict=True``) or none.
 
     x: (B, T, d_in) with T <= context_length   ->   (B, T, d_out)
     """
@@ -286,47 +340,96 @@ class MultiHeadAttention(nn.Module):
         rope: bool | PositionalEncoding | None = None,
         rope_base: float = 10000.0,
         context_parallel: object | None = None,
+        head_dim: int | None = None,
+        out_bias: bool = True,
+        qk_norm: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("d_in", d_in), ("d_out", d_out), ("context_length", context_length)):
             _check_positive_int(name, value)
         _check_dropout(dropout)
-        _check_heads(d_out, num_heads)
+        if head_dim is None:
+            _check_heads(d_out, num_heads)
+        else:
+            _check_positive_int("num_heads", num_heads)
+            _check_positive_int("head_dim", head_dim)
+        if not isinstance(out_bias, bool):
+            raise TypeError(f"out_bias must be a bool, got {type(out_bias).__name__} ({out_bias!r})")
+        if qk_norm is not None and (isinstance(qk_norm, bool) or not isinstance(qk_norm, (int, float))
+                                    or not 0.0 < qk_norm < 1.0):
+            raise ValueError(f"qk_norm must be None or an RMSNorm eps in (0, 1), e.g. 1e-6, got {qk_norm!r}")
         backends.resolve(backend)  # validates the name
         num_kv_groups = _check_modern_options(num_heads, causal, num_kv_groups, window_size, context_parallel)
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
+        self.head_dim = d_out // num_heads if head_dim is None else head_dim
+        self.inner_dim = num_heads * self.head_dim  # d_out unless head_dim is given
         self.num_kv_groups = num_kv_groups
         self.window_size = window_size
         self.causal = causal
         self.backend = backend
         self.context_parallel = context_parallel
-        kv_out = num_kv_groups * self.head_dim  # d_out unless grouped-query
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        kv_out = num_kv_groups * self.head_dim  # inner_dim unless grouped-query
+        self.W_query = nn.Linear(d_in, self.inner_dim, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, kv_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, kv_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.out_proj = nn.Linear(self.inner_dim, d_out, bias=out_bias)
         self.dropout = nn.Dropout(dropout)
-        self.mask: Tensor  # (context_length, context_length), 1 = future (masked)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+        # The dtype and device of the chapter's mask (follows .to()); the (T, T) matrix is built on use.
+        self._mask_like: Tensor
+        self.register_buffer("_mask_like", torch.zeros(0), persistent=False)
+        self.register_state_dict_post_hook(_save_book_mask)
         self.rope = _make_rope(rope, self.head_dim, rope_base)  # no parameters, no saved buffers
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=qk_norm), nn.RMSNorm(self.head_dim, eps=qk_norm)
+
+    @property
+    def mask(self) -> Tensor:
+        """The chapter's causal mask (context_length, context_length), 1 = future (masked), in the module's
+        dtype and device: built on first use and kept (the book's code paths read ``self.mask``)."""
+        like, n = self._mask_like, self.context_length
+        built = self.__dict__.get("_mask_built")
+        if built is None or built.dtype != like.dtype or built.device != like.device:
+            built = torch.ones(n, n, dtype=like.dtype, device=like.device).triu(1)  # (T, T)
+            self.__dict__["_mask_built"] = built
+        return built
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        saved = state_dict.pop(prefix + "mask", None)  # any causal mask, any context_length, or none
+        if saved is not None and not _is_causal_mask(saved):
+            error_msgs.append(f"{prefix}mask: expected the chapter's causal mask triu(ones(n, n), 1) (any n), got a "
+                              f"tensor of shape {tuple(saved.shape)} that is not one; this module always attends "
+                              "causally or bidirectionally (causal=), so a custom mask would be lost: pass it as "
+                              "attn_mask= instead")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         extra = "" if self.num_kv_groups == self.num_heads else f", num_kv_groups={self.num_kv_groups}"
         extra += "" if self.window_size is None else f", window_size={self.window_size}"
+        extra += "" if self.inner_dim == self.d_out else f", head_dim={self.head_dim}"
         return f"num_heads={self.num_heads}{extra}, causal={self.causal}, backend={self.backend!r}"
 
     def new_cache(
         self, batch_size: int, max_tokens: int, *, dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, rolling: bool | None = None,
     ) -> KVCache | RollingKVCache:
         """An empty cache for this layer: a :class:`~attnlab.cache.RollingKVCache` of ``window_size``
-        slots for a sliding-window layer whose window is shorter than ``max_tokens``, else a static
-        :class:`~attnlab.cache.KVCache` of ``max_tokens``; the module's dtype and device by default."""
-        dtype = self.W_key.weight.dtype if dtype is None else dtype
+        slots for a sliding-window layer whose window is shorter than ``max_tokens`` (``rolling=False``: a
+        static one anyway, e.g. for speculative decoding's rollback), else a static
+        :class:`~attnlab.cache.KVCache` of ``max_tokens``. Dtype: the autocast dtype under
+        ``torch.autocast`` (what the keys then are), else the module's; the module's device by default."""
         device = self.W_key.weight.device if device is None else device
-        if self.window_size is not None and self.window_size < max_tokens:
+        if dtype is None:
+            device_type = torch.device(device).type
+            dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                     else self.W_key.weight.dtype)
+        use_rolling = self.window_size is not None and self.window_size < max_tokens if rolling is None else rolling
+        if use_rolling:
+            if self.window_size is None:
+                raise ValueError("rolling=True needs a sliding-window layer (window_size=...); this one has none")
             return RollingKVCache(batch_size, self.window_size, self.num_kv_groups, self.head_dim, dtype=dtype,
                                   device=device)
         return KVCache(batch_size, max_tokens, self.num_kv_groups, self.head_dim, dtype=dtype, device=device)
@@ -337,8 +440,8 @@ class MultiHeadAttention(nn.Module):
         """The mask handed to the backend (bool True = may attend, or float; None for none) and whether
         the backend applies the causal mask itself. Padding alone stays a (B, 1, 1, T) mask and causality
         a flag, which every backend (the flash kernel included) takes as they are; an ``attn_mask`` is
-        combined with the causal mask (the ``mask`` buffer, or the sliding window) and the padding into one
-        mask. ``t_k``: the number of keys (the context's tokens in cross-attention; default ``t``)."""
+        combined with the causal mask (or the sliding window) and the padding into one mask. ``t_k``: the
+        number of keys (the context's tokens in cross-attention; default ``t``)."""
         t_k = t if t_k is None else t_k
         pad = None
         if key_padding_mask is not None:
@@ -364,9 +467,10 @@ class MultiHeadAttention(nn.Module):
                 f"got {tuple(attn_mask.shape)}"
             )
         F.check_mask(attn_mask, t, t_k, name="attn_mask", batch_shape=(b, self.num_heads))
-        causal = self.mask[:t, :t] == 0 if self.causal else None  # (T, T), from the buffer
+        device = self.W_query.weight.device
+        causal = causal_mask(t, t, device=device) if self.causal else None  # (T, T)
         if self.window_size is not None:
-            causal = window_mask(t, t, window=self.window_size, device=self.W_query.weight.device)  # (T, T)
+            causal = window_mask(t, t, window=self.window_size, device=device)  # (T, T)
         if attn_mask.dtype != torch.bool:
             bool_part = and_masks(causal, pad)
             if bool_part is not None:
@@ -383,61 +487,91 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
         cache: KVCache | RollingKVCache | None = None,
+        position_ids: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
-        self._check_forward_options(x, context, attn_mask, need_weights, cache)
+        self._check_forward_options(x, context, attn_mask, need_weights, cache, position_ids, document_ids)
         b, num_tokens, _ = x.shape
         source = x if context is None else context  # where keys and values come from
-        t_k = source.shape[1]
-        queries = self.W_query(x)  # (B, T, d_out)
-        keys = self.W_key(source)  # (B, T_k, H_kv * hd)
-        values = self.W_value(source)  # (B, T_k, H_kv * hd)
-
-        # Split d_out into heads, then put heads before tokens.
-        queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        keys = keys.view(b, t_k, self.num_kv_groups, self.head_dim).transpose(1, 2)  # (B, H_kv, T_k, hd)
-        values = values.view(b, t_k, self.num_kv_groups, self.head_dim).transpose(1, 2)  # (B, H_kv, T_k, hd)
-
+        queries = self._heads(self.W_query(x), self.num_heads, self.q_norm)  # (B, H, T, hd)
+        keys = self._heads(self.W_key(source), self.num_kv_groups, self.k_norm)  # (B, H_kv, T_k, hd)
+        values = self._heads(self.W_value(source), self.num_kv_groups, None)  # (B, H_kv, T_k, hd)
+        if position_ids is not None:
+            position_ids = position_ids.to(device=x.device, dtype=torch.long)  # (T,) or (B, T)
         if self.rope is not None:  # rotate by absolute position: after the cache's, or this rank's
-            queries, keys = self.rope(queries, keys, self._positions(num_tokens, x.device, cache))
+            positions = self._positions(num_tokens, x.device, cache, position_ids, document_ids)  # (T,) or (B, T)
+            queries, keys = self.rope(queries, keys, positions)
+        context_vectors, weights = self._attend(
+            queries, keys, values, position_ids, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            need_weights=need_weights, cache=cache, document_ids=document_ids,
+        )  # (B, H, T, hd), (B, H, T, T_k) or None
+        # Merge heads back: (B, H, T, hd) -> (B, T, H, hd) -> (B, T, H * hd).
+        context_vectors = context_vectors.transpose(1, 2).reshape(b, num_tokens, self.inner_dim)  # (B, T, H * hd)
+        out = self.out_proj(context_vectors)  # (B, T, d_out)
+        return (out, weights) if weights is not None else out
 
-        weights = None
+    def _heads(self, projected: Tensor, heads: int, norm: nn.Module | None) -> Tensor:
+        """Split (B, T, heads * hd) into heads before tokens, (B, heads, T, hd), RMS-normed per head if asked."""
+        b, t, _ = projected.shape
+        split = projected.view(b, t, heads, self.head_dim)  # (B, T, heads, hd)
+        if norm is not None:
+            split = norm(split)  # (B, T, heads, hd)
+        return split.transpose(1, 2)  # (B, heads, T, hd)
+
+    def _attend(
+        self, queries: Tensor, keys: Tensor, values: Tensor, position_ids: Tensor | None, *,
+        key_padding_mask: Tensor | None, attn_mask: Tensor | None, need_weights: bool, cache,
+        document_ids: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The one attention call: this rank's shard through the context-parallel object, the new tokens
+        against a cache (at ``position_ids``, default: after each row's cached tokens; trimmed to the filled
+        slots when the cache allows, unless the weights over all slots are asked for), or the whole
+        sequence through :func:`attnlab.backends.attention`."""
         if self.context_parallel is not None:
-            context_vectors = self.context_parallel.attention(  # type: ignore[attr-defined]
+            return self.context_parallel.attention(  # type: ignore[attr-defined]
                 queries, keys, values, causal=self.causal, key_padding_mask=key_padding_mask, scale=None
-            )  # (B, H, T, hd)
-        elif cache is not None:
-            step = cache.update(keys, values, key_padding_mask, window=self.window_size)
+            ), None  # (B, H, T, hd)
+        if cache is not None:
+            step = cache.update(keys, values, key_padding_mask, window=self.window_size, positions=position_ids,
+                                attn_mask=attn_mask, trim=not need_weights)
             result = attend_cached(
                 queries, step, window=self.window_size, dropout_p=self.dropout.p, training=self.training,
                 backend=self.backend, need_weights=need_weights,
             )
-            context_vectors, weights = result if isinstance(result, tuple) else (result, None)  # (B, H, T, hd)
         else:
-            mask, causal = self._allowed(b, num_tokens, key_padding_mask, attn_mask, t_k)
+            b, t, t_k = queries.shape[0], queries.shape[2], keys.shape[2]
+            mask, causal = self._allowed(b, t, key_padding_mask, attn_mask, t_k)
             result = backends.attention(
                 queries, keys, values, mask=mask, causal=causal,
                 window=self.window_size if attn_mask is None else None,  # else: inside the mask
                 dropout_p=self.dropout.p, training=self.training, backend=self.backend, need_weights=need_weights,
+                document_ids=document_ids,
             )
-            context_vectors, weights = result if isinstance(result, tuple) else (result, None)  # (B, H, T, hd)
+        return result if isinstance(result, tuple) else (result, None)  # (B, H, T, hd), weights or None
 
-        # Merge heads back: (B, H, T, hd) -> (B, T, H, hd) -> (B, T, d_out).
-        context_vectors = context_vectors.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)  # (B, T, d_out)
-        out = self.out_proj(context_vectors)  # (B, T, d_out)
-        return (out, weights) if weights is not None else out
-
-    def _positions(self, num_tokens: int, device: torch.device, cache) -> Tensor:
-        """Absolute positions of the new tokens (T,): after the cached ones, this rank's global ones with
-        context parallelism, else 0..T-1."""
+    def _positions(
+        self, num_tokens: int, device: torch.device, cache, position_ids: Tensor | None, document_ids: Tensor | None
+    ) -> Tensor:
+        """Absolute positions of the new tokens, (T,) or (B, T): the given ``position_ids``; after the cached
+        ones (per row); this rank's global ones with context parallelism; within each document; else 0..T-1."""
+        if position_ids is not None:
+            return position_ids.to(device=device, dtype=torch.long)  # (T,) or (B, T)
         if cache is not None:
-            return cache.positions(num_tokens)  # (T,)
+            return cache.positions(num_tokens)  # (B, T)
         if self.context_parallel is not None:
             return self.context_parallel.positions(num_tokens, device)  # type: ignore[attr-defined]
+        if document_ids is not None:
+            return positions_within_documents(document_ids.to(device))  # (T,) or (B, T)
         return torch.arange(num_tokens, device=device)  # (T,)
 
-    def _check_forward_options(self, x: Tensor, context, attn_mask, need_weights: bool, cache) -> None:
+    def _check_forward_options(
+        self, x: Tensor, context, attn_mask, need_weights: bool, cache, position_ids, document_ids
+    ) -> None:
         """Combinations of forward's options that have no meaning, each a ValueError/TypeError saying why."""
+        b, t = x.shape[0], x.shape[1]
+        for name, ids in (("position_ids", position_ids), ("document_ids", document_ids)):
+            _check_ids(name, ids, b, t)
         if context is not None:
             if not isinstance(context, Tensor):
                 raise TypeError(f"context must be a torch.Tensor (batch, num_tokens, d_in), got {type(context).__name__}")
@@ -456,23 +590,71 @@ class MultiHeadAttention(nn.Module):
             if self.rope is not None:
                 raise ValueError("cross-attention (context given) does not take rope: queries and the context's "
                                  "keys have no common positions; build the module with rope=None")
+            if document_ids is not None:
+                raise ValueError("cross-attention (context given) takes no document_ids: they pair the queries "
+                                 "with keys of the same sequence")
         if cache is not None:
             if not isinstance(cache, (KVCache, RollingKVCache)):
                 raise TypeError(f"cache must be an attnlab.cache.KVCache or RollingKVCache (see "
                                 f"MultiHeadAttention.new_cache), got {type(cache).__name__}")
-            if not self.causal or context is not None or attn_mask is not None:
-                raise ValueError("a cache is for causal self-attention decoding: it takes no context and no "
-                                 "attn_mask, and needs causal=True")
+            if not self.causal or context is not None:
+                raise ValueError("a cache is for causal self-attention decoding: it takes no context, and needs "
+                                 "causal=True")
+            if document_ids is not None:
+                raise ValueError("a cache takes no document_ids: each batch row decodes one sequence")
+            if attn_mask is not None and self.backend == "flash":
+                raise ValueError("with a cache, attn_mask needs a backend that reads a general mask: the flash "
+                                 "kernel takes none; use backend='auto', 'torch' or 'eager'")
             if isinstance(cache, RollingKVCache) and (self.window_size is None or self.window_size > cache.window_size):
                 raise ValueError(
                     f"a RollingKVCache of window_size={cache.window_size} keeps only that many tokens; this layer "
                     f"has window_size={self.window_size}: use a KVCache or a rolling cache at least as long"
                 )
+            cache.claim(self)
         if self.context_parallel is not None and (
             cache is not None or context is not None or attn_mask is not None or need_weights
+            or document_ids is not None
         ):
-            raise ValueError("context_parallel takes no cache, context, attn_mask or need_weights: the sequence "
-                             "is split over ranks and each rank attends its shard against the whole")
+            raise ValueError("context_parallel takes no cache, context, attn_mask, document_ids or need_weights: "
+                             "the sequence is split over ranks and each rank attends its shard against the whole")
+
+    # -- Hugging Face layers -----------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, layer: nn.Module, *, context_length: int | None = None, backend: str = "auto") -> MultiHeadAttention:
+        """The attnlab module equal to a Hugging Face attention layer (Llama, Mistral, Qwen2, Qwen3:
+        ``q_proj``/``k_proj``/``v_proj``/``o_proj``; GPT-2: ``c_attn``/``c_proj``), weights copied (on the
+        layer's device and dtype). ``context_length`` defaults to the config's ``max_position_embeddings``
+        (GPT-2: ``n_positions``). Refused with a ValueError: RoPE scaling other than the default, partial
+        rotary embeddings, GPT-2's per-layer score scaling or attention softcapping."""
+        return _mha_from_hf(cls, layer, context_length=context_length, backend=backend)
+
+    def to_hf(self, layer: nn.Module) -> nn.Module:
+        """Copy this module's weights into a Hugging Face attention layer of the same shape (built from a
+        config, e.g. ``LlamaAttention(config, layer_idx=0)``); returns ``layer``. The inverse of :meth:`from_hf`."""
+        return to_hf(self, layer)
+
+
+def _check_ids(name: str, ids: object, b: int, t: int) -> None:
+    """position_ids / document_ids: None or an integer tensor of shape (T,) or (B, T)."""
+    if ids is None:
+        return
+    if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer torch.Tensor of shape (batch, T) or (T,), got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) not in ((t,), (b, t)):
+        raise ValueError(f"{name} must have shape (batch, T) = {(b, t)} or (T,) = ({t},), got {tuple(ids.shape)}")
+
+
+def positions_within_documents(document_ids: Tensor) -> Tensor:
+    """Each token's position inside its document, for packed sequences: (T,) or (B, T) integer ids ->
+    LongTensor of the same shape, restarting at 0 wherever the id changes. No host sync."""
+    t = document_ids.shape[-1]
+    index = torch.arange(t, device=document_ids.device).expand(document_ids.shape)  # (..., T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)  # (..., T)
+    starts[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]  # (..., T)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values  # (..., T)
+    return index - first  # (..., T)
 
 
 def attend_cached(
@@ -490,11 +672,21 @@ def attend_cached(
     """The new queries (B, H, T, hd) against a cache step (keys/values default to the step's; a latent
     cache passes its up-projected ones, laid out over the same slots). Bool mask of the step's positions
     for every backend, except ``"flash"``, which takes no general mask: there the slots are put in
-    position order and the step is the plain causal (bottom-right) + window + key padding call."""
+    position order and the step is the plain causal (bottom-right) + window + key padding call. A trimmed
+    step (``step.prefix``: the filled slots in position order, no padding) needs no mask on any backend:
+    causal (bottom-right) among the new tokens, nothing at all for one new token."""
     keys = step.keys if keys is None else keys
     values = step.values if values is None else values
     if values is None:
         raise ValueError("attend_cached needs values: pass the up-projected values of a keys-only cache")
+    if step.prefix:
+        causal = queries.shape[-2] > 1
+        name = backends.resolve(backend, dropout_p=dropout_p, training=training, need_weights=need_weights,
+                                device=queries.device)
+        if name == "torch":  # the table's entry itself: these q, k, v were checked when the layer was built
+            return backends.BACKENDS[name](queries, keys, values, causal=causal, dropout_p=dropout_p, training=training)
+        return backends.attention(queries, keys, values, causal=causal, dropout_p=dropout_p, training=training,
+                                  backend=backend, need_weights=need_weights)
     if backend == "flash":
         keys, ordered_values, padding = step.ordered(keys, values)  # (B, H_kv, S, d), (B, H_kv, S, d_v), (B, S)
         return backends.attention(
@@ -548,6 +740,124 @@ def _make_rope(rope: object, head_dim: int, rope_base: float) -> nn.Module | Pos
         return rope
     raise TypeError(f"rope must be None, True or a callable (queries, keys, positions) -> (queries, keys), "
                     f"got {type(rope).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face attention layers <-> MultiHeadAttention (one to one: the same weights, the same function)
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_rope_base(config: Any) -> float:
+    """The default RoPE's base of a Hugging Face config (transformers 5's ``rope_parameters`` or the older
+    ``rope_theta``/``rope_scaling``); anything but the default rotation is refused."""
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        params = {**(getattr(config, "rope_scaling", None) or {}), "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"from_hf supports the default RoPE only, the layer's config has rope_type={rope_type!r} "
+                         "(scaled RoPE such as llama3 or yarn changes the frequencies)")
+    if float(getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("from_hf supports RoPE over the whole head only, the config has partial_rotary_factor="
+                         f"{config.partial_rotary_factor}")
+    return float(params["rope_theta"])
+
+
+def _hf_window(layer: Any, config: Any) -> int | None:
+    """Qwen2/3 say per layer (``layer.sliding_window``), Mistral in the config."""
+    window = layer.sliding_window if hasattr(layer, "sliding_window") else getattr(config, "sliding_window", None)
+    return None if window is None else int(window)
+
+
+def _copy(target: Tensor | None, source: Tensor | None, name: str) -> None:
+    if (target is None) != (source is None):
+        raise ValueError(f"{name}: one side has it and the other does not (e.g. a bias); build both alike")
+    if target is None or source is None:
+        return
+    if target.shape != source.shape:
+        raise ValueError(f"{name}: shape {tuple(source.shape)} does not fit {tuple(target.shape)}; build both "
+                         "from the same sizes")
+    target.copy_(source)
+
+
+def _mha_from_hf(cls, layer: Any, *, context_length: int | None, backend: str):
+    config = getattr(layer, "config", None)
+    if config is None:
+        raise TypeError(f"layer must be a Hugging Face attention layer with a .config, got {type(layer).__name__}")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("from_hf: attention softcapping (attn_logit_softcapping) has no equivalent here")
+    weight = None
+    if hasattr(layer, "c_attn"):  # GPT-2: fused Conv1D (y = x @ W + b), W (d, 3d)
+        if getattr(layer, "is_cross_attention", False) or not config.scale_attn_weights or \
+                config.scale_attn_by_inverse_layer_idx:
+            raise ValueError("from_hf takes GPT-2 self-attention with scale_attn_weights=True and "
+                             "scale_attn_by_inverse_layer_idx=False (the 1/sqrt(head_dim) scaling)")
+        d = layer.embed_dim
+        module = cls(d, d, context_length or config.n_positions, float(config.attn_pdrop), layer.num_heads,
+                     True, backend=backend)
+        w, b = layer.c_attn.weight, layer.c_attn.bias  # (d, 3d), (3d,)
+        with torch.no_grad():
+            for i, proj in enumerate((module.W_query, module.W_key, module.W_value)):
+                _copy(proj.weight, w[:, i * d:(i + 1) * d].T, "c_attn.weight")
+                _copy(proj.bias, b[i * d:(i + 1) * d], "c_attn.bias")
+            _copy(module.out_proj.weight, layer.c_proj.weight.T, "c_proj.weight")
+            _copy(module.out_proj.bias, layer.c_proj.bias, "c_proj.bias")
+        weight = layer.c_attn.weight
+    elif all(hasattr(layer, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        biases = {p.bias is not None for p in (layer.q_proj, layer.k_proj, layer.v_proj)}
+        if len(biases) != 1:
+            raise ValueError("from_hf: q_proj, k_proj and v_proj must all have a bias or none")
+        head_dim = int(layer.head_dim)
+        if abs(float(layer.scaling) - head_dim ** -0.5) > 1e-12 * head_dim ** -0.5:
+            raise ValueError(f"from_hf: the layer scales scores by {layer.scaling}, not 1/sqrt(head_dim={head_dim})")
+        hidden, num_heads = layer.q_proj.in_features, layer.q_proj.out_features // head_dim
+        q_norm = getattr(layer, "q_norm", None)
+        eps = None if q_norm is None else float(getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6)))
+        module = cls(
+            hidden, layer.o_proj.out_features, context_length or config.max_position_embeddings,
+            float(getattr(config, "attention_dropout", 0.0)), num_heads, biases.pop(), backend=backend,
+            num_kv_groups=layer.k_proj.out_features // head_dim, window_size=_hf_window(layer, config), rope=True,
+            rope_base=_hf_rope_base(config), head_dim=None if num_heads * head_dim == hidden else head_dim,
+            out_bias=layer.o_proj.bias is not None, qk_norm=eps,
+        )
+        to_hf(module, layer, _reverse=True)
+        weight = layer.q_proj.weight
+    else:
+        raise TypeError(f"from_hf knows Llama/Mistral/Qwen2/Qwen3 (q_proj, k_proj, v_proj, o_proj) and GPT-2 (c_attn, "
+                        f"c_proj) attention layers, got {type(layer).__name__}")
+    return module.to(device=weight.device, dtype=weight.dtype).train(layer.training)
+
+
+def to_hf(module: MultiHeadAttention, layer: Any, *, _reverse: bool = False) -> nn.Module:
+    """Copy ``module``'s weights into the Hugging Face ``layer`` (``_reverse``: the layer's into the module)."""
+    pairs: list[tuple[Tensor | None, Tensor | None, str]]
+    if hasattr(layer, "c_attn"):
+        d = module.d_out
+        w, b = layer.c_attn.weight, layer.c_attn.bias  # (d, 3d), (3d,)
+        projections = (module.W_query, module.W_key, module.W_value)
+        pairs = [(w[:, i * d:(i + 1) * d], p.weight.T, "c_attn.weight") for i, p in enumerate(projections)]
+        pairs += [(b[i * d:(i + 1) * d], p.bias, "c_attn.bias") for i, p in enumerate(projections)]
+        pairs += [(layer.c_proj.weight, module.out_proj.weight.T, "c_proj.weight"),
+                  (layer.c_proj.bias, module.out_proj.bias, "c_proj.bias")]
+    elif hasattr(layer, "q_proj"):
+        pairs = []
+        for hf_name, ours in (("q_proj", module.W_query), ("k_proj", module.W_key), ("v_proj", module.W_value),
+                              ("o_proj", module.out_proj)):
+            hf = getattr(layer, hf_name)
+            pairs += [(hf.weight, ours.weight, f"{hf_name}.weight"), (hf.bias, ours.bias, f"{hf_name}.bias")]
+        for name in ("q_norm", "k_norm"):
+            hf_norm, our_norm = getattr(layer, name, None), getattr(module, name)
+            pairs.append((None if hf_norm is None else hf_norm.weight, None if our_norm is None else our_norm.weight,
+                          f"{name}.weight"))
+    else:
+        raise TypeError(f"to_hf knows Llama/Mistral/Qwen2/Qwen3 and GPT-2 attention layers, got {type(layer).__name__}")
+    with torch.no_grad():
+        for hf_tensor, our_tensor, name in pairs:
+            if _reverse:
+                _copy(our_tensor, hf_tensor, name)
+            else:
+                _copy(hf_tensor, our_tensor, name)
+    return layer
 
 
 # PEP 8 aliases.

@@ -64,7 +64,11 @@ __all__ = [
     "FeedForward",
     "LayerSteps",
     "SentenceEncoder",
+    "HFHeadSteps",
+    "HFModel",
+    "is_model_dir",
     "load_encoder",
+    "load_model_dir",
     "model_dir",
     "model_names",
 ]
@@ -341,6 +345,19 @@ class AttentionMaps:
     token_ids: list[int]
     weights: Tensor  # (layers, heads, T, T), float32
     truncated: bool = False  # True when the text was cut at the model's max_seq_length
+    model: str = "all-MiniLM-L6-v2"  # the model's name, as the pictures title it
+    # (layers, T, T) bool, True where the model's mask hid the key from the query (a decoder's future
+    # tokens, a sliding window's far past), the same in every head; None: every token saw every token.
+    masked: Tensor | None = None
+    max_tokens: int = 256  # the token limit the text was cut at
+
+    @property
+    def causal(self) -> bool:
+        """True when every layer hid each token's future (a decoder's causal mask)."""
+        if self.masked is None or self.seq_len < 2:
+            return False
+        future = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).triu(1)  # (T, T)
+        return bool(torch.as_tensor(self.masked)[:, future].all())
 
     @property
     def num_layers(self) -> int:
@@ -781,3 +798,232 @@ def load_encoder(name: str = "all-MiniLM-L6-v2", *, backend: str = "auto") -> Se
     model = SentenceEncoder(config, tokenizer, backend=backend)
     _load_weights(model, directory / "model.safetensors")
     return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Any local Hugging Face model directory, through attnlab's registered attention (attnlab.hf)
+# --------------------------------------------------------------------------------------------------
+
+#: The most tokens a local model's maps are made of (a report holds layers x heads x T x T numbers).
+HF_MAX_TOKENS = 512
+
+
+def is_model_dir(name: object) -> bool:
+    """True when ``name`` is a directory holding a ``config.json`` (what ``save_pretrained`` writes)."""
+    return isinstance(name, (str, Path)) and Path(name).expanduser().is_dir() and (
+        Path(name).expanduser() / "config.json").is_file()
+
+
+class HFModel:
+    """A local Hugging Face model (encoder or decoder) and its tokenizer, with attnlab's attention.
+
+    Loaded by :func:`load_model_dir` with ``attn_implementation="attnlab_eager"`` (:mod:`attnlab.hf`), so
+    :meth:`attention` records the weights every layer's attention computed, through the registered function.
+    """
+
+    def __init__(self, path: Path, model: Any, tokenizer: Any, max_tokens: int) -> None:
+        self.path = path
+        self.name = path.name or str(path)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+
+    def attention(self, text: str) -> AttentionMaps:
+        """Every layer's and head's attention weights on ``text`` (cut at :attr:`max_tokens`, with a
+        UserWarning saying so): ``(layers, heads, T, T)``, and which cells the model's mask hid."""
+        text = _check_text(text)
+        ids, truncated = self._ids(text)
+        calls = self._record(ids)
+        weights = torch.stack([c.weights[0].float() for c in calls])  # L x (H, T, T) -> (L, H, T, T)
+        hidden = torch.stack([~c.allowed[0].all(dim=0) for c in calls])  # L x (T, T): hidden in every head
+        return AttentionMaps(
+            text=text, tokens=list(self.tokenizer.convert_ids_to_tokens(ids)), token_ids=list(ids),
+            weights=weights.cpu(), truncated=truncated, model=self.name,
+            masked=hidden.cpu() if bool(hidden.any()) else None, max_tokens=self.max_tokens,
+        )
+
+
+    def _ids(self, text: str) -> tuple[list[int], bool]:
+        """The token ids of ``text`` (special tokens included), cut at :attr:`max_tokens` with a warning."""
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        truncated = len(ids) > self.max_tokens
+        if truncated:
+            warnings.warn(
+                f"the text is {len(ids)} tokens long, more than the limit of {self.max_tokens} tokens of "
+                f"{self.name}; it was truncated to its first {self.max_tokens} tokens", UserWarning, stacklevel=3)
+            ids = ids[: self.max_tokens]
+        if not ids:
+            raise ValueError(f"text gives no tokens with {self.name}'s tokenizer, got {text!r}")
+        return ids, truncated
+
+    def _record(self, ids: list[int], inputs: dict[int, Tensor] | None = None) -> list[Any]:
+        """One forward over ``ids`` (no cache), every attention call recorded (:func:`attnlab.hf.record_attention`).
+        With ``inputs``: also the hidden states entering each attention module, by ``id(module)``."""
+        from attnlab import hf
+
+        def keep(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(x, Tensor) and inputs is not None:
+                inputs[id(module)] = x.detach()
+
+        hooks = [] if inputs is None else [
+            m.register_forward_pre_hook(keep, with_kwargs=True) for m in self.model.modules()
+            if any(isinstance(getattr(m, n, None), nn.Module) for n in ("q_proj", "query", "c_attn", "qkv_proj"))]
+        input_ids = torch.tensor([ids])  # (1, T)
+        try:
+            with torch.no_grad(), hf.record_attention() as calls:
+                self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not calls:
+            raise ValueError(f"{self.name}: no attention call went through attnlab's attention (is it a model "
+                             "whose attention transformers dispatches through AttentionInterface?)")
+        return calls
+
+    def head_steps(self, text: str, layer: int, head: int) -> HFHeadSteps:
+        """One head's attention on ``text``, step by step (:class:`HFHeadSteps`); ``layer`` and ``head`` are
+        0-based. q, k and v are the ones the model's attention received (after RoPE where the model rotates
+        them); x and the head's slices of the projections are read from the attention module. ValueError
+        (one line) for an attention module without separate q / k / v projections or with a softcap."""
+        text = _check_text(text)
+        ids, truncated = self._ids(text)
+        inputs: dict[int, Tensor] = {}
+        calls = self._record(ids, inputs)
+        _check_index("layer", layer, len(calls))
+        call = calls[layer]
+        n_heads = int(call.weights.shape[1])
+        _check_index("head", head, n_heads)
+        module = call.module
+        if call.softcap is not None:
+            raise ValueError(f"{self.name} caps its attention scores (softcap={call.softcap}); the step-by-step "
+                             "walkthrough shows plain softmax attention only: use attnlab report --model")
+        names = next((n for n in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+                      if all(isinstance(getattr(module, a, None), nn.Linear) for a in n)), None)
+        if names is None or id(module) not in inputs or call.query is None or call.key is None or call.value is None:
+            kind = type(module).__name__ if module is not None else "unknown"
+            raise ValueError(f"{self.name}'s attention ({kind}) has no separate q / k / v nn.Linear projections "
+                             "(q_proj/k_proj/v_proj or query/key/value): the walkthrough cannot show one head's "
+                             "slices; attnlab report --model and heatmap --model show every layer and head")
+        x = inputs[id(module)][0]  # (T, D)
+        q_all, k_all, v_all = call.query[0], call.key[0], call.value[0]  # (H, T, hd), (H_kv, T, hd) x 2
+        hd, n_kv = int(q_all.shape[-1]), int(k_all.shape[0])
+        kv = head // (n_heads // n_kv)  # grouped-query attention: the key/value head this query head reads
+        rows_q, rows_kv = slice(head * hd, (head + 1) * hd), slice(kv * hd, (kv + 1) * hd)
+        proj = [getattr(module, a) for a in names]
+        W = [p.weight[rows].T for p, rows in zip(proj, (rows_q, rows_kv, rows_kv), strict=True)]  # 3 x (D, hd)
+        b = [None if p.bias is None else p.bias[rows] for p, rows in zip(proj, (rows_q, rows_kv, rows_kv),
+                                                                      strict=True)]  # 3 x (hd,) | None
+        linear = [x @ w + (0 if bias is None else bias) for w, bias in zip(W, b, strict=True)]  # 3 x (T, hd)
+        queries, keys, values = q_all[head], k_all[kv], v_all[kv]  # (T, hd) each
+        rotary = not (_same(linear[0], queries) and _same(linear[1], keys))
+        if not _same(linear[2], values):
+            raise ValueError(f"{self.name}'s values are not x @ W_value + b_value of the attention module's "
+                             "input: the walkthrough cannot follow this architecture; use attnlab report --model")
+        allowed = call.allowed[0, 0 if call.allowed.shape[1] == 1 else head]  # (T, T) bool
+        scores = F.all_pair_scores(queries, keys) * call.scaling  # (T, T)
+        weights = F.softmax(F.mask_before_softmax(scores, allowed), dim=-1)  # (T, T)
+        return HFHeadSteps(
+            layer=layer, head=head, kv_head=kv, tokens=list(self.tokenizer.convert_ids_to_tokens(ids)), x=x,
+            W_query=W[0], W_key=W[1], W_value=W[2], b_query=b[0], b_key=b[1], b_value=b[2],
+            projected_queries=linear[0], projected_keys=linear[1], queries=queries, keys=keys, values=values,
+            rotary=rotary, scaling=float(call.scaling), allowed=allowed, scores=scores, weights=weights,
+            context=F.context_vectors(weights, values), model_weights=call.weights[0].float(),
+            num_layers=len(calls), num_heads=n_heads, num_kv_heads=n_kv, head_dim=hd, truncated=truncated,
+            module=type(module).__name__, q_norm=isinstance(getattr(module, "q_norm", None), nn.Module))
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same numbers up to float32 rounding of a d_in-long dot product (a
+    guard that tells a plain projection from a rotated one, not a test)."""
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return a.shape == b.shape and bool(((a - b).abs() <= 1e-4 * (scale + 1e-6)).all())
+
+
+@dataclass(frozen=True)
+class HFHeadSteps:
+    """One head of a local Hugging Face model's layer, step by step (0-based ``layer``, ``head``)::
+
+        projected = x @ W + b                  # (T, hd) for query, key and value (b None: no bias)
+        queries, keys = projected, rotated     # what the attention received (RoPE'd where ``rotary``)
+        scores  = queries @ keys.T * scaling   # (T, T)
+        weights = softmax(scores where allowed, else -inf)
+        context = weights @ values             # (T, hd)
+
+    ``model_weights`` (H, T, T) are the weights every head of the layer computed inside the model,
+    recorded through attnlab's registered attention; ``weights`` equals ``model_weights[head]`` within
+    float32 rounding."""
+
+    layer: int
+    head: int
+    kv_head: int  # the key/value head this query head reads (grouped-query attention)
+    tokens: list[str]
+    x: Tensor  # (T, D): the hidden states entering the attention module
+    W_query: Tensor  # (D, hd): the head's slice, x @ W convention
+    W_key: Tensor
+    W_value: Tensor
+    b_query: Tensor | None  # (hd,) | None
+    b_key: Tensor | None
+    b_value: Tensor | None
+    projected_queries: Tensor  # (T, hd) = x @ W_query + b_query
+    projected_keys: Tensor
+    queries: Tensor  # (T, hd) as the attention received them
+    keys: Tensor
+    values: Tensor
+    rotary: bool  # True: queries / keys were rotated (RoPE) after the projection
+    scaling: float
+    allowed: Tensor  # (T, T) bool: True where the model's mask let the query see the key
+    scores: Tensor  # (T, T), scaled
+    weights: Tensor  # (T, T)
+    context: Tensor  # (T, hd)
+    model_weights: Tensor  # (H, T, T)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    truncated: bool
+    module: str  # the attention module's class name
+    q_norm: bool  # the module normalises q / k per head before RoPE (q_norm / k_norm)
+
+
+def load_model_dir(path: str | Path) -> HFModel:
+    """Load a local Hugging Face model directory (``config.json``, the weights and a tokenizer, as
+    ``save_pretrained`` writes them) with attnlab's attention; offline, never downloads.
+
+    Needs ``transformers`` (``pip install transformers``). ValueError (one line) for a directory that is
+    not a model, a model transformers does not know, or one without a tokenizer."""
+    directory = Path(path).expanduser()
+    if not is_model_dir(directory):
+        raise ValueError(f"model must be a directory with a config.json (a save_pretrained model), got {str(path)!r}")
+    transformers = _require("transformers", "transformers")
+    from attnlab import hf
+
+    hf.register()
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # no "some weights were not used" chatter: the lm head is not needed here
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # nor a "Loading weights" bar on stderr
+    try:
+        try:
+            config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+            model = transformers.AutoModel.from_pretrained(
+                directory, local_files_only=True, attn_implementation="attnlab_eager", dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"model {str(path)!r}: transformers cannot load it: {str(exc).splitlines()[0]}") from None
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"model {str(path)!r} has no tokenizer transformers can load (save one with "
+                             f"tokenizer.save_pretrained): {str(exc).splitlines()[0]}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    limits = [HF_MAX_TOKENS]
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, key, None), int):
+            limits.append(int(getattr(config, key)))
+    if isinstance(getattr(tokenizer, "model_max_length", None), int):
+        limits.append(int(tokenizer.model_max_length))
+    return HFModel(directory.resolve(), model.eval(), tokenizer, min(limits))

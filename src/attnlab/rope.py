@@ -15,9 +15,10 @@ The hook for another positional scheme
     queries, keys = rope(queries, keys, positions)
 
 with ``queries`` (B, H, T_q, hd), ``keys`` (B, H_kv, T_q, hd) (the *new* tokens' keys, before they are
-cached) and ``positions`` a LongTensor (T_q,) of the tokens' absolute positions (counted from 0 at the
-start of the sequence; with a cache, the cached tokens come first; with context parallelism, the rank's
-global positions). Any callable (or ``nn.Module``) with this signature and shape-preserving results is a
+cached) and ``positions`` a LongTensor (T_q,), or (B, T_q) when each row has its own (with a cache, or
+``position_ids`` of shape (B, T)), of the tokens' absolute positions (counted from 0 at the start of the
+sequence; with a cache, the cached tokens come first; with context parallelism, the rank's global
+positions; with ``document_ids``, from 0 in each document). Any callable (or ``nn.Module``) with this signature and shape-preserving results is a
 positional scheme (:class:`PositionalEncoding`); :class:`RotaryEmbedding` is the built-in one.
 
 Shape letters: B batch, H query heads, H_kv key/value heads, T tokens, hd head_dim.
@@ -25,6 +26,7 @@ Shape letters: B batch, H query heads, H_kv key/value heads, T tokens, hd head_d
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -87,8 +89,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim >= 2, got head_dim={head_dim!r}")
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1.0:
-            raise ValueError(f"rope_base must be a number > 1, got {base!r}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not 1.0 < base < math.inf:
+            raise ValueError(f"rope_base must be a finite number > 1 (10000.0 in Llama 2, 500000.0 in Llama 3), "
+                             f"got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
 
     def extra_repr(self) -> str:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,8 +74,8 @@ class DecodeConfig:
     """One ``attnlab bench --decode`` run."""
 
     model: GPTConfig = GPTConfig()
-    prompt_tokens: int = 4  # the book's "Hello, I am" is 4 tokens
-    new_tokens: int = 200  # tokens generated per path
+    prompt_tokens: int = 256  # long enough that recomputing it costs (the book's "Hello, I am" is 4 tokens)
+    new_tokens: int = 64  # tokens generated per path
     variants: tuple[str, ...] = VARIANT_NAMES
     gqa_groups: int = 3  # key/value heads of the GQA variant (12 heads -> groups of 4)
     window_size: int = 64  # SWA's window
@@ -85,12 +85,16 @@ class DecodeConfig:
     threads: int | None = None
     seed: int = 123
     backend: str = "auto"
+    step_batches: tuple[int, ...] = (1, 8)  # one layer's cached step against a hand-written one: batch sizes
+    step_cached: tuple[int, ...] = (1024, 8192)  # ... and cached tokens
+    step_repeats: int = 60  # timed steps per setting (after 5 untimed)
 
 
 DECODE_DEFAULT = DecodeConfig()
 DECODE_QUICK = DecodeConfig(
     model=GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=8, n_layers=2),
-    new_tokens=24, gqa_groups=2, window_size=8, edge=4,
+    prompt_tokens=4, new_tokens=24, gqa_groups=2, window_size=8, edge=4, step_batches=(1, 2), step_cached=(32,),
+    step_repeats=5,
 )
 
 
@@ -231,10 +235,106 @@ class DecodeRow:
 
 
 @dataclass
+class StepRow:
+    """One layer's cached step (``MultiHeadAttention(x, cache=...)``) against a hand-written step on the same
+    tensors (project, write the new key/value in place, ``scaled_dot_product_attention`` over the filled
+    slots, project out); medians of ``step_repeats`` steps, measured alternately. ``ratio`` is the median of
+    the per-step ratios (each attnlab step against the hand-written step timed right beside it), which a
+    shared machine's changing load moves far less than the ratio of the two medians."""
+
+    variant: str
+    batch: int
+    cached_tokens: int
+    attnlab_us: float
+    hand_us: float
+    ratio: float  # median over steps of attnlab / hand-written, each pair timed back to back (target <= 1.25)
+    max_abs_diff: float
+
+
+@dataclass
 class DecodeReport:
     config: DecodeConfig
     rows: list[DecodeRow]
     machine: dict[str, Any] = field(default_factory=dict)
+    steps: list[StepRow] = field(default_factory=list)
+
+
+def _hand_step(layer: MultiHeadAttention, keys: Tensor, values: Tensor, x: Tensor, position: int) -> Tensor:
+    """The hand-written decoding step: what one writes without attnlab (no RoPE, one position for the batch):
+    project, write the new key and value into the preallocated cache by a slice, PyTorch's SDPA over the
+    filled prefix (``enable_gqa`` for grouped heads: no repeated keys), project out."""
+    b, h, hk, hd = x.shape[0], layer.num_heads, layer.num_kv_groups, layer.head_dim
+    q = layer.W_query(x).view(b, 1, h, hd).transpose(1, 2)  # (B, H, 1, hd)
+    k = layer.W_key(x).view(b, 1, hk, hd).transpose(1, 2)  # (B, H_kv, 1, hd)
+    v = layer.W_value(x).view(b, 1, hk, hd).transpose(1, 2)  # (B, H_kv, 1, hd)
+    keys[:, :, position : position + 1] = k
+    values[:, :, position : position + 1] = v
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, keys[:, :, : position + 1], values[:, :, : position + 1], enable_gqa=hk != h
+    )  # (B, H, 1, hd)
+    return layer.out_proj(out.transpose(1, 2).reshape(b, 1, layer.inner_dim))  # (B, 1, d)
+
+
+def run_layer_steps(cfg: DecodeConfig) -> list[StepRow]:
+    """One layer's cached step vs the hand-written one, for MHA and GQA at each batch size and cache length.
+
+    The cache is filled with ``cached`` random keys and values per row (``KVCache.update``, as a prompt
+    pass would leave it; a step's time does not depend on the values, and the prompt pass itself at
+    8k tokens × batch 8 would take minutes on a CPU); the hand-written step gets copies of the same
+    tensors. Both steps then run on the same inputs, alternately (which goes first alternates too), so
+    that both see the same load; their outputs are compared."""
+    m = cfg.model
+    device = torch.device(cfg.device)
+    rows = []
+    for variant, groups in (("mha", None), ("gqa", cfg.gqa_groups)):
+        torch.manual_seed(cfg.seed)
+        layer = MultiHeadAttention(m.emb_dim, m.emb_dim, max(cfg.step_cached) + 64, 0.0, m.n_heads,
+                                   num_kv_groups=groups, backend=cfg.backend).to(device).eval()
+        for batch in cfg.step_batches:
+            for cached in cfg.step_cached:
+                steps = 5 + cfg.step_repeats
+                cache = layer.new_cache(batch, cached + steps)
+                kv_shape = (batch, layer.num_kv_groups, cached, layer.head_dim)
+                xs = torch.randn(steps, batch, 1, m.emb_dim, device=device)
+                ours_t, hand_t, diff = [], [], 0.0
+                with torch.no_grad():
+                    cache.update(torch.randn(kv_shape, device=device), torch.randn(kv_shape, device=device),
+                                 trim=True)  # the prompt's keys and values
+                    cache.claim(layer)
+                    keys, values = cache.keys.clone(), cast(Tensor, cache.values).clone()
+                    for i in range(steps):
+                        if i % 2:
+                            t0 = time.perf_counter()
+                            hand = _hand_step(layer, keys, values, xs[i], cached + i)
+                            _sync(device)
+                            t1 = time.perf_counter()
+                            ours = layer(xs[i], cache=cache)
+                            _sync(device)
+                            t2 = time.perf_counter()
+                            ours_s, hand_s = t2 - t1, t1 - t0
+                        else:
+                            t0 = time.perf_counter()
+                            ours = layer(xs[i], cache=cache)
+                            _sync(device)
+                            t1 = time.perf_counter()
+                            hand = _hand_step(layer, keys, values, xs[i], cached + i)
+                            _sync(device)
+                            t2 = time.perf_counter()
+                            ours_s, hand_s = t1 - t0, t2 - t1
+                        if i >= 5:
+                            ours_t.append(ours_s)
+                            hand_t.append(hand_s)
+                        diff = max(diff, float((cast(Tensor, ours) - hand).abs().max()))
+                a, h = statistics.median(ours_t), statistics.median(hand_t)
+                paired = statistics.median(o / w for o, w in zip(ours_t, hand_t))  # each pair: the same load
+                rows.append(StepRow(variant, batch, cached, a * 1e6, h * 1e6, paired, diff))
+                del cache, keys, values
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _edges(times: list[float], edge: int) -> tuple[float, float]:
@@ -306,7 +406,7 @@ def run_decode(
             bool(torch.equal(tokens_u, tokens_c)),
         ))
         del model, caches, results
-    return DecodeReport(cfg, rows, machine)
+    return DecodeReport(cfg, rows, machine, run_layer_steps(cfg))
 
 
 def _load_average() -> str:
@@ -350,7 +450,18 @@ def render_decode_table(report: DecodeReport):
             _fmt(r.kv_bytes_per_token / 1024), _fmt(r.kv_bytes_total / 1024),
             _fmt(r.cached.peak_mem_bytes / 2**20), f"{r.max_logit_diff:.1e}",
         )
-    return Group(table, *(Text(line, style="dim") for line in decode_legend(report)))
+    steps = Table(title="One layer's cached step: attnlab vs a hand-written SDPA step on the same tensors (µs, median)")
+    for i, h in enumerate(("variant", "batch", "cached tokens", "attnlab (µs)", "hand-written (µs)",
+                           "attnlab / hand (×)", "max |Δ|")):
+        steps.add_column(h, justify="left" if i == 0 else "right")
+    for s in report.steps:
+        steps.add_row(s.variant, str(s.batch), str(s.cached_tokens), _fmt(s.attnlab_us), _fmt(s.hand_us),
+                      f"{s.ratio:.2f}", f"{s.max_abs_diff:.1e}")
+    met = [f"{s.variant} B={s.batch} {s.cached_tokens}" for s in report.steps if s.ratio <= 1.25]
+    legend = (f"Step target: attnlab / hand-written ≤ 1.25×; met by {len(met)} of {len(report.steps)} settings "
+              f"({report.config.step_repeats} timed steps each, alternating which goes first, after 5 untimed; "
+              "the ratio is the median of the per-step ratios of neighbouring steps).")
+    return Group(table, *(Text(line, style="dim") for line in decode_legend(report)), steps, Text(legend, style="dim"))
 
 
 def decode_legend(report: DecodeReport) -> list[str]:
@@ -380,7 +491,7 @@ def decode_legend(report: DecodeReport) -> list[str]:
 
 def decode_json(report: DecodeReport) -> str:
     return json.dumps({"config": asdict(report.config), "machine": report.machine,
-                       "rows": [asdict(r) for r in report.rows]}, indent=2)
+                       "rows": [asdict(r) for r in report.rows], "steps": [asdict(s) for s in report.steps]}, indent=2)
 
 
 def plot_kv_memory(report: DecodeReport, path: str | Path, max_tokens: int | None = None) -> None:

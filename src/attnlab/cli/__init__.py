@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order they appear in ``attnlab --help``.
-_SUBCOMMANDS = ("explain", "heatmap", "report", "bench")
+_SUBCOMMANDS = ("explain", "heatmap", "report", "bench", "check")
 
 
 class UsageError(Exception):

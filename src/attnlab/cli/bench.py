@@ -12,8 +12,12 @@ from attnlab.cli import UsageError
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
+# No size, count or repeat of a benchmark needs more (and torch's sizes are int64): larger ones are refused.
+MAX_INT = 2**31 - 1
+
+
 def _int_at_least(low: int, words: str):
-    """An argparse type: an int >= ``low`` (``words`` says so in the error)."""
+    """An argparse type: an int from ``low`` to ``MAX_INT`` (``words`` says so in the error)."""
 
     def parse(text: str) -> int:
         try:
@@ -22,6 +26,9 @@ def _int_at_least(low: int, words: str):
             raise argparse.ArgumentTypeError(f"expected {words}, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"expected {words}, got {value}")
+        if value > MAX_INT:
+            shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+            raise argparse.ArgumentTypeError(f"expected {words} up to {MAX_INT}, got {shown}")
         return value
 
     return parse
@@ -83,7 +90,7 @@ def register(subparsers) -> None:
                         "(3), --warmup (0), --threads (1 per process), --json")
     p.add_argument("--decode", action="store_true",
                    help="instead of the variants: a GPT-2-124M-shaped decoder (random weights) generates --tokens "
-                        "(default 200) tokens from a 4-token prompt with and without a KV cache, per attention "
+                        "(default 64) tokens from a 256-token prompt with and without a KV cache, per attention "
                         "variant (mha, gqa, mqa, swa, mla; --variants picks some): tokens/s, time per token at the "
                         "start and the end, KV-cache bytes, peak memory; --plot draws KV memory against context "
                         "length; uses --quick, --device, --threads (default 1), --json, --plot")
@@ -130,34 +137,98 @@ def _config(args: argparse.Namespace):
             raise UsageError(
                 f"--device cuda requested but CUDA is not available (torch {torch.__version__}); use --device cpu"
             )
+    _check_memory(cfg, names)
     return cfg.with_variants(names)
 
 
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(cfg, names: tuple[str, ...]) -> None:
+    """Refuse, before any process starts, a setting whose inputs alone (x, q, k, v and the output, plus the
+    scores of the variants that hold every (query, key) pair) cannot fit in this machine's memory."""
+    if cfg.device != "cpu":
+        return
+    total = _memory_bytes()
+    if total is None:
+        return
+    item = _ITEMSIZE[cfg.dtype]
+    need = 5 * cfg.batch * cfg.tokens * cfg.width * item  # (B, T, D) x, q, k, v, out
+    if any(n.startswith("ch03") or n in ("einsum", "combined_qkv") for n in names):
+        need += cfg.batch * cfg.heads * cfg.tokens * cfg.tokens * item  # (B, H, T, T) scores
+    if need > total:
+        raise UsageError(f"--batch {cfg.batch} --tokens {cfg.tokens} --width {cfg.width} --heads {cfg.heads} "
+                         f"({cfg.dtype}) need at least {need / 2**30:.3g} GiB, more than this machine's "
+                         f"{total / 2**30:.3g} GiB; give smaller sizes (--quick for a small setting)")
+
+
 def _check_output(path: Path | None, option: str, force: bool) -> None:
+    """Before any work: an output file that can be written (its folder exists and takes a new file, an
+    existing file only with --force and only if it is writable), so no benchmark runs for nothing."""
+    import os
+    import tempfile
+
     if path is None:
         return
-    if path.exists() and not force:
-        raise UsageError(f"{option} {path} already exists; pass --force to overwrite it")
+    if not str(path).strip():
+        raise UsageError(f"{option} is empty; give a file name")
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file name")
-    if not path.parent.exists():
-        raise UsageError(f"{option} {path}: directory {path.parent} does not exist")
+    if path.exists() and not force:
+        raise UsageError(f"{option} {path} already exists; pass --force to overwrite it")
+    parent = path.parent
+    if not parent.exists():
+        raise UsageError(f"{option} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path} is not writable; choose another file")
+    try:  # the one sure test: create (and remove) a file beside it
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".attnlab-write-test-")
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
+                         "folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def write_output(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all at once (a temporary file beside it, renamed when complete): a failure
+    leaves no half-written file."""
+    from attnlab.maps import write_atomically
+
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def run(args: argparse.Namespace) -> int:
+    # The output files first, in every mode: a benchmark that cannot save its results does not start.
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot {args.plot}: give a .png file name")
+    _check_output(args.json, "--json", args.force)
+    _check_output(args.plot, "--plot", args.force)
     if getattr(args, "decode", False):
+        if getattr(args, "context_parallel", None) is not None:
+            raise UsageError("--decode and --context-parallel are separate benchmarks; give one of them")
         from attnlab.bench.decode import main as decode_main
 
         return decode_main(args)
     if getattr(args, "context_parallel", None) is not None:
+        if args.plot is not None:
+            raise UsageError("--plot applies to the variants and --decode benchmarks, not to --context-parallel")
         from attnlab.bench.context_parallel import main as context_parallel_main
 
         return context_parallel_main(args)
     cfg = _config(args)
-    _check_output(args.json, "--json", args.force)
-    _check_output(args.plot, "--plot", args.force)
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise UsageError(f"--plot {args.plot}: give a .png file name")
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -182,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     out = Console(width=None if sys.stdout.isatty() else 180)
     out.print(render_table(report))
     if args.json is not None:
-        args.json.write_text(report_json(report) + "\n", encoding="utf-8")
+        write_output(args.json, report_json(report) + "\n")
     if args.plot is not None:
         from attnlab.bench.plot import plot_report
 

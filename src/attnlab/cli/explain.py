@@ -18,14 +18,13 @@ import sys
 import warnings
 
 from attnlab.cli import UsageError
+from attnlab.cli.options import INSTALL_HINT  # one install hint for every command
 from attnlab.explain import MODERN_SECTIONS, SECTIONS, Walkthrough, explain, resolve_sections
 from attnlab.explain.check import check, format_results, parse_expect
-from attnlab.explain.inputs import load_embeddings, load_weights
+from attnlab.explain.inputs import invisible_only, load_embeddings, load_weights
 
 __all__ = ["INSTALL_HINT", "add_input_arguments", "add_model_arguments", "register", "run",
            "walkthrough_from_args"]
-
-INSTALL_HINT = "pip install 'attnlab[models]'"
 
 # Messages from the library name its arguments; on the command line they are options.
 _OPTION_NAMES = {"tokens": "--tokens", "embeddings": "--embeddings", "dim": "--dim", "query": "--query",
@@ -39,7 +38,7 @@ _LEADING_NAME = re.compile(
     r"|model|text|layer|head|kv_groups|window_size|rope_base|rope_shift)\b"
 )
 # Toy-input options and their defaults: with --model, giving any of them is a mistake.
-_TOY_OPTIONS = (("tokens", "--tokens", None), ("embeddings", "--embeddings", None), ("dim", "--dim", 3),
+_TOY_OPTIONS = (("tokens", "--tokens", None), ("embeddings", "--embeddings", None), ("dim", "--dim", None),
                 ("weights", "--weights", None), ("scale", "--no-scale", True), ("d_out", "--d-out", None),
                 ("heads", "--heads", None), ("dropout", "--dropout", 0.5), ("seed", "--seed", 123),
                 ("section", "--section", None), ("kv_groups", "--kv-groups", None),
@@ -60,7 +59,8 @@ def add_input_arguments(parser: argparse.ArgumentParser, *, model: bool = False)
     g.add_argument("--embeddings", metavar="JSON|FILE",
                    help="one row per token: inline JSON '[[0.2,0.1,0.5], ...]' or a .json, .csv or .npy file "
                         "(default with --tokens: seeded random ones of --dim numbers)")
-    g.add_argument("--dim", type=int, default=3, metavar="N", help="size of random embeddings (default 3)")
+    g.add_argument("--dim", type=int, default=None, metavar="N",
+                   help="with --tokens and no --embeddings: size of the random embeddings (default 3)")
     g.add_argument("--query", metavar="TOKEN|POSITION",
                    help="the query token, or its 1-based position (default: the second token, as the book)")
     g.add_argument("--weights", metavar="FILE.json",
@@ -94,20 +94,13 @@ def add_input_arguments(parser: argparse.ArgumentParser, *, model: bool = False)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--text``, ``--layer``, ``--head``: one head of a pretrained model instead of the toy
-    input (``--query`` picks the query token in both)."""
-    from attnlab.explain.model import DEFAULT_MODEL
+    """``--model``, ``--text``, ``--layer``, ``--head``: one head of a pretrained model (MiniLM or a local
+    Hugging Face model directory) instead of the toy input (``--query`` picks the query token in both)."""
+    from attnlab.cli.options import add_model_arguments as add_shared
 
-    g = parser.add_argument_group(f"a pretrained model instead (needs {INSTALL_HINT})")
-    g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"{DEFAULT_MODEL} (all-MiniLM-L6-v2): walk through one head of the real model "
-                        "on --text")
-    g.add_argument("--text", default=None, metavar="TEXT",
-                   help="the sentence for --model (cut at the model's 256-token limit, with a warning)")
-    g.add_argument("--layer", type=int, default=None, metavar="N",
-                   help="with --model: the layer, 1-based (1..6 for minilm; default the last)")
-    g.add_argument("--head", type=int, default=None, metavar="N",
-                   help="with --model: the head, 1-based (1..12 for minilm; default 1)")
+    add_shared(parser, what="walk through one head of the model on --text",
+               layer_help="the layer, 1-based (1..6 for minilm; default the last)",
+               head_help="with --model: the head, 1-based (1..12 for minilm; default 1)")
     parser.set_defaults(_model_options=True)
 
 
@@ -126,6 +119,10 @@ def check_model_options(args: argparse.Namespace, toy_only: tuple[tuple[str, str
     command's own ``toy_only`` as (dest, flag, default)) are refused, in one line."""
     if args.model is None or args.text is None:
         raise UsageError('--model and --text go together, e.g. --model minilm --text "The cat sat."')
+    if invisible_only(args.text):
+        what = "empty" if not args.text.strip() else "made only of invisible characters (zero-width spaces, ...)"
+        raise UsageError(f'--text is {what}: the model would see only [CLS] [SEP]; give a sentence, e.g. '
+                         '--text "The cat sat."')
     toy = [flag for dest, flag, default in (*_TOY_OPTIONS, *toy_only)
            if getattr(args, dest, default) != default and getattr(args, dest, default) != []]
     if toy:
@@ -152,8 +149,9 @@ def _model_walkthrough(args: argparse.Namespace) -> Walkthrough:
             walk = explain_model(args.text, model=args.model, layer=args.layer,
                                  head=1 if args.head is None else args.head, query=args.query)
     except ImportError as exc:
-        missing = f" ({exc.name} is missing)" if getattr(exc, "name", None) else ""
-        raise UsageError(f"--model needs the optional model packages{missing}: {INSTALL_HINT}") from None
+        from attnlab.cli.options import missing_model_package
+
+        raise missing_model_package(exc) from None
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(_one_line(exc)) from None
     report_warnings(args, caught)
@@ -179,7 +177,12 @@ def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
         weights = load_weights(args.weights) if args.weights is not None else None
         if args.tokens is not None and not args.tokens.strip():
             raise ValueError("--tokens is empty: give at least one token, e.g. --tokens \"The cat ran\"")
-        return explain(
+        if args.dim is not None and (args.tokens is None or args.embeddings is not None):
+            raise UsageError("--dim sets the width of the random embeddings drawn for --tokens, so "
+                             + ("with --embeddings it changes nothing: leave out --dim" if args.embeddings is not None
+                                else 'without --tokens it changes nothing (the book\'s embeddings are 3 wide): add '
+                                     '--tokens "The cat ran", or leave out --dim'))
+        walk = explain(
             args.tokens, embeddings, query=args.query, weights=weights, d_out=args.d_out, heads=args.heads,
             dropout=args.dropout, seed=args.seed, scale=args.scale, dim=args.dim,
             sections=sections, kv_groups=getattr(args, "kv_groups", None),
@@ -188,6 +191,13 @@ def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
         )
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(_one_line(exc)) from None
+    rope = walk.settings.modern.get("rope") if walk.settings.modern else None
+    base = getattr(args, "rope_base", 10000.0)
+    if rope is not None and rope["head_dim"] == 2 and base != 10000.0:
+        sys.stderr.write(f"attnlab {getattr(args, 'command', None) or 'explain'}: note: --rope-base {base:g} changes "
+                         "nothing with head size 2 (one feature pair, turned by θ_1 = 1 for every base); add "
+                         "--d-out 4 to see it\n")
+    return walk
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,7 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="chapter 3 computed step by step on the book's sentence or your own tokens, embeddings, weights",
         description="Walk through chapter 3's attention, every intermediate labelled with its tokens, and "
                     "check your own hand calculation with --expect (exit 0 when it matches, 1 when not). "
-                    "With --model minilm --text TEXT: one head of a real pretrained model, step by step.",
+                    "With --model minilm|DIR --text TEXT: one head of a real pretrained model (MiniLM or a local Hugging Face model directory), step by step.",
     )
     add_input_arguments(parser, model=True)
     out = parser.add_argument_group("output")

@@ -30,6 +30,22 @@ def _section(args: argparse.Namespace) -> str:
     return chosen[0]
 
 
+def _step_sections(args: argparse.Namespace) -> list[str] | None:
+    """The sections to explain for ``--step ID``: the step's own section (``window.mask`` -> window, opt-in
+    ones included), which ``--section``, when given too, must name; None (the default sections) for an id
+    whose first part is no section (the picture then lists the valid steps)."""
+    from attnlab.explain import ALL_SECTIONS
+
+    own = args.step.partition(".")[0].strip()
+    if args.map_section is None:
+        return [own] if own in ALL_SECTIONS else None
+    chosen = _section(args)
+    if own in ALL_SECTIONS and own != chosen:
+        raise UsageError(f"--step {args.step} is a step of section {own}, but --section selects {chosen}: "
+                         f"use --section {own} (or leave out --section)")
+    return [chosen]
+
+
 def run(args: argparse.Namespace) -> int:
     from attnlab.cli.explain import walkthrough_from_args
     from attnlab.heatmap import check_output_path, save_figure, walkthrough_figure
@@ -47,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--head applies to --section multihead only (got --section {section})")
     if section is not None:
         args.section = [section]  # explain only the section drawn
+    else:
+        args.section = _step_sections(args)
     walk = walkthrough_from_args(args)
     try:
         fig = walkthrough_figure(walk, section or _DEFAULT_SECTION, head=args.head, step=args.step,

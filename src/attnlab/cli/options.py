@@ -27,6 +27,7 @@ from attnlab.cli import UsageError
 __all__ = [
     "INSTALL_HINT",
     "add_model_arguments",
+    "missing_model_package",
     "add_output_arguments",
     "add_section_argument",
     "attention_maps_from_args",
@@ -43,6 +44,14 @@ def note(args: argparse.Namespace, text: str, kind: str = "note") -> None:
     sys.stderr.write(f"attnlab {command}: {kind}: {text.splitlines()[0]}\n")
 
 
+def missing_model_package(exc: ImportError) -> UsageError:
+    """The one-line error for ``--model`` without its optional packages, with the install command that helps."""
+    name = getattr(exc, "name", None)
+    missing = f" ({name} is missing)" if name else ""
+    hint = "pip install transformers" if name == "transformers" else INSTALL_HINT
+    return UsageError(f"--model needs the optional model packages{missing}: {hint}")
+
+
 def add_model_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -55,8 +64,10 @@ def add_model_arguments(
     from attnlab.explain.model import DEFAULT_MODEL
 
     g = parser.add_argument_group(f"a pretrained model instead (needs {INSTALL_HINT})")
-    g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"{DEFAULT_MODEL} (all-MiniLM-L6-v2): {what}")
+    g.add_argument("--model", default=None, metavar="NAME|DIR",
+                   help=f"{DEFAULT_MODEL} (all-MiniLM-L6-v2), or a local Hugging Face model directory (encoder "
+                        f"or decoder: config.json, weights and tokenizer from save_pretrained; needs transformers)"
+                        f": {what}")
     g.add_argument("--text", default=None, metavar="TEXT",
                    help="the sentence for --model (cut at the model's 256-token limit, with a warning)")
     g.add_argument("--layer", type=int, default=None, metavar="N", help=f"with --model: {layer_help}")
@@ -118,8 +129,7 @@ def attention_maps_from_args(args: argparse.Namespace, toy_only: tuple[tuple[str
             warnings.simplefilter("always")
             maps = attention_maps(args.text, model=args.model)
     except ImportError as exc:
-        missing = f" ({exc.name} is missing)" if getattr(exc, "name", None) else ""
-        raise UsageError(f"--model needs the optional model packages{missing}: {INSTALL_HINT}") from None
+        raise missing_model_package(exc) from None
     except (ValueError, TypeError, OSError) as exc:
         message = str(exc).splitlines()[0]
         for name in ("model", "text"):  # the library names its arguments; here they are options

@@ -19,13 +19,13 @@ from attnlab.distributed.comm import CommStats, CommunicationError, track_comm
 from attnlab.distributed.context_parallel import METHODS, ContextParallel
 from attnlab.distributed.hybrid import Mesh, choose_ulysses_size, hybrid_attention, make_mesh
 from attnlab.distributed.launch import LocalRunError, run_local
-from attnlab.distributed.layout import Layout
+from attnlab.distributed.layout import LAYOUTS, Layout
 from attnlab.distributed.merge import merge_into
-from attnlab.distributed.ring import ring_attention
+from attnlab.distributed.ring import count_blocks, ring_attention
 from attnlab.distributed.ulysses import ulysses_attention
 
 __all__ = [
-    "METHODS", "CommStats", "CommunicationError", "ContextParallel", "Layout", "LocalRunError", "Mesh",
-    "choose_ulysses_size", "hybrid_attention", "make_mesh", "merge_into", "ring_attention", "run_local",
+    "LAYOUTS", "METHODS", "CommStats", "CommunicationError", "ContextParallel", "Layout", "LocalRunError", "Mesh",
+    "choose_ulysses_size", "count_blocks", "hybrid_attention", "make_mesh", "merge_into", "ring_attention", "run_local",
     "track_comm", "ulysses_attention",
 ]

@@ -4,8 +4,10 @@ Only ``torch.distributed`` moves data (``gloo`` on CPU, ``nccl`` on GPU); this m
 
 * :func:`resolve_group` -- the group, this rank and the world size, or a clear error when no process
   group is initialised;
-* :func:`check_same` -- one small ``all_gather`` of the call's sizes, so that ranks that pass shards of
-  different lengths get a ``ValueError`` naming both ranks instead of a hang or garbage;
+* :func:`check_same` -- one small ``all_gather`` of a fixed-size header (which call, its sizes, dtype,
+  layout and flags), so that ranks that pass shards of different lengths, or that call different
+  context-parallel functions (one ``ring_attention``, another ``ulysses_attention``), all get the same
+  ``ValueError`` naming both ranks' calls instead of a hang, garbage or a crash;
 * :class:`RingShift` -- one step of a ring: ``batch_isend_irecv`` to the next rank / from the previous
   one, started before the current block's compute and waited for after it;
 * :func:`all_to_all` / :func:`all_gather` -- the collectives Ulysses and ``gather`` need;
@@ -102,11 +104,19 @@ def resolve_group(group) -> tuple[dist.ProcessGroup, int, int]:
         )
     if group is None:
         group = dist.group.WORLD
+    # torch.distributed.new_group returns the int GroupMember.NON_GROUP_MEMBER on the processes it leaves out.
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (
+            isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER):
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the given group: "
+            "torch.distributed.new_group(ranks) returns GroupMember.NON_GROUP_MEMBER on the processes outside "
+            "ranks; call the attention only on the group's members (or pass group=None for all processes)"
+        )
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError("this process is not a member of the given group")
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given group")
     return group, rank, dist.get_world_size(group)
 
 
@@ -115,26 +125,89 @@ def _comm_device(group, like: torch.Tensor) -> torch.device:
     return torch.device("cpu") if dist.get_backend(group) == "gloo" else like.device
 
 
+# The calls whose ranks must agree, and the fields of each call's header, in order. Every process imports
+# the same table, so a rank can print the call another rank made. The header has a fixed size whatever
+# the call, so the all_gather that compares them is well formed even when the ranks made different calls.
+CALLS: dict[str, tuple[str, ...]] = {
+    "ring_attention": ("batch", "heads", "kv_heads", "local_tokens", "head_dim", "value_dim", "dtype", "causal",
+                       "layout", "has_key_padding_mask", "has_document_ids", "seq_len", "block_size"),
+    "ulysses_attention": ("batch", "heads", "kv_heads", "local_tokens", "head_dim", "value_dim", "dtype", "causal",
+                          "layout", "has_key_padding_mask", "has_document_ids", "seq_len"),
+    "hybrid_attention": ("batch", "heads", "kv_heads", "local_tokens", "head_dim", "value_dim", "dtype", "causal",
+                         "layout", "has_key_padding_mask", "has_document_ids", "seq_len"),
+}
+HEADER_SIZE = 24  # int64 slots: magic, call id, field count, the fields, zeros
+_MAGIC = 0x61746E6C6162  # "attnlab": a header, not some other rank's tensor of the same size
+_CALL_IDS = {name: i + 1 for i, name in enumerate(CALLS)}
+_CALL_NAMES = {i: name for name, i in _CALL_IDS.items()}
+DTYPE_IDS: dict[torch.dtype, int] = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_DTYPE_NAMES = {i: str(dt).removeprefix("torch.") for dt, i in DTYPE_IDS.items()}
+LAYOUT_IDS = {"zigzag": 1, "contiguous": 2}
+_LAYOUT_NAMES = {i: name for name, i in LAYOUT_IDS.items()}
+
+
+def _describe(row: tuple[int, ...]) -> str:
+    """A header as the call it describes: ``ring_attention(batch=1, heads=2, ...)``."""
+    if len(row) < 3 or row[0] != _MAGIC or row[1] not in _CALL_NAMES:
+        return "something that is not an attnlab.distributed call (another collective of the same size?)"
+    name = _CALL_NAMES[row[1]]
+    parts = []
+    for field, value in zip(CALLS[name], row[3:3 + row[2]], strict=False):
+        if field == "dtype":
+            parts.append(f"dtype={_DTYPE_NAMES.get(value, value)}")
+        elif field == "layout":
+            parts.append(f"layout={_LAYOUT_NAMES.get(value, 'None')!r}")
+        else:
+            parts.append(f"{field}={value}")
+    return f"{name}({', '.join(parts)})"
+
+
 def check_same(group, like: torch.Tensor, what: str, **fields: int) -> None:
-    """Raise ValueError when ``fields`` (sizes, flags) differ between the ranks of ``group``."""
+    """Raise the same ValueError on every rank when the ranks of ``group`` made different calls or passed
+    different ``fields`` (sizes, flags). ``what`` is a name of :data:`CALLS` and ``fields`` its fields, in order.
+
+    One ``all_gather`` of a :data:`HEADER_SIZE` int64 header: fixed-size whatever the call, so it is well
+    formed even when another rank called a different function (then both calls are named).
+    """
+    if what not in CALLS or tuple(fields) != CALLS[what]:  # a programming error inside attnlab
+        raise RuntimeError(f"check_same({what!r}) with fields {tuple(fields)}, expected {CALLS.get(what)}")
     world = dist.get_world_size(group)
     if world == 1:
         return
-    mine = torch.tensor(list(fields.values()), dtype=torch.int64, device=_comm_device(group, like))  # (F,)
+    values = [_MAGIC, _CALL_IDS[what], len(fields), *(int(x) for x in fields.values())]
+    values += [0] * (HEADER_SIZE - len(values))
+    mine = torch.tensor(values, dtype=torch.int64, device=_comm_device(group, like))  # (HEADER_SIZE,)
     every = [torch.empty_like(mine) for _ in range(world)]
-    with _failures(f"{what}: the size check (all_gather)", group):
+    with _failures(f"{what}: the call check (all_gather)", group):
         t0 = time.perf_counter()
         dist.all_gather(every, mine, group=group)
         _record(control=_nbytes(mine) * (world - 1), wait=time.perf_counter() - t0, messages=1)
     rows = [tuple(int(x) for x in e.tolist()) for e in every]
     for r, row in enumerate(rows):
-        if row != rows[0]:
-            diffs = ", ".join(f"{name} {a} on rank 0 but {b} on rank {r}"
-                              for name, a, b in zip(fields, rows[0], row, strict=True) if a != b)
+        if row == rows[0]:
+            continue
+        if row[:2] != rows[0][:2]:
             raise ValueError(
-                f"{what}: the ranks disagree: {diffs}. Every rank must pass local shards of the same shape "
-                "(split the sequence with ContextParallel.shard, which pads it to a length all ranks share)"
+                f"{what}: the ranks made different calls: rank 0 called {_describe(rows[0])} but rank {r} called "
+                f"{_describe(row)}. Every rank of the group must call the same context-parallel function with shards "
+                "of the same shape (use one ContextParallel(group, method) on every rank)"
             )
+        a, b = rows[0][3:3 + len(fields)], row[3:3 + len(fields)]
+        diffs = ", ".join(f"{name} {_value(name, x)} on rank 0 but {_value(name, y)} on rank {r}"
+                          for name, x, y in zip(fields, a, b, strict=True) if x != y)
+        raise ValueError(
+            f"{what}: the ranks disagree: {diffs}. Every rank must pass local shards of the same shape "
+            "(split the sequence with ContextParallel.shard, which pads it to a length all ranks share), with the "
+            "same flags and layout"
+        )
+
+
+def _value(field: str, value: int) -> str:
+    if field == "dtype":
+        return _DTYPE_NAMES.get(value, str(value))
+    if field == "layout":
+        return repr(_LAYOUT_NAMES.get(value))
+    return str(value)
 
 
 def all_gather(t: torch.Tensor, group, what: str, *, control: bool = False) -> list[torch.Tensor]:

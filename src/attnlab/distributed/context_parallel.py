@@ -10,9 +10,21 @@ and remembers the true length, so that ``cp.attention`` never attends to the pad
 cuts it off again: results do not depend on how T divides. ``cp.positions(T_l)`` gives the global
 positions of this rank's tokens (for positional embeddings and RoPE).
 
+The layout (which tokens each rank holds) is chosen once, ``ContextParallel(..., layout=...)``, and carried
+by the object: ``shard``, ``positions``, ``attention`` and ``gather`` all use it, so shards made by ``cp.shard``
+always match what ``cp.attention`` assumes. ``"zigzag"`` (the default for ring and hybrid): rank r holds
+chunks r and 2P-1-r of 2P, balanced under a causal mask; ``"contiguous"`` (the only one for Ulysses): rank r
+holds chunk r of P (the plain ring under a causal mask: exact, but the last rank does P times the work of
+the first). Shards made any other way must be passed to ``ring_attention`` / ``hybrid_attention`` with their
+``layout=`` stated.
+
+Packed sequences: shard the document ids like the tokens, ``cp.shard(doc_ids)`` ((B, T) -> (B, T_l)), and
+pass them as ``cp.attention(..., document_ids=...)``. ``return_lse=True`` also returns the log-sum-exp of this
+rank's query rows, (B, H, T_l), in the rank's local token order.
+
 The object protocol :class:`attnlab.modules.MultiHeadAttention` uses (``context_parallel=cp``):
-``attention(q, k, v, *, causal, key_padding_mask, scale)`` on this rank's (B, H, T_l, d) shards and
-``positions(t_local, device)``.
+``attention(q, k, v, *, causal, key_padding_mask, scale, document_ids=None, return_lse=False)`` on this
+rank's (B, H, T_l, d) shards and ``positions(t_local, device)``.
 
 Shape letters: B batch, T global tokens, T_l local tokens.
 """
@@ -24,7 +36,7 @@ import torch.distributed as dist
 
 from attnlab.distributed import comm
 from attnlab.distributed.hybrid import Mesh, hybrid_attention, make_mesh
-from attnlab.distributed.layout import Layout
+from attnlab.distributed.layout import LAYOUTS, Layout
 from attnlab.distributed.ring import ring_attention
 from attnlab.distributed.ulysses import ulysses_attention
 
@@ -67,15 +79,23 @@ class ContextParallel:
     ulysses_size hybrid only: the Ulysses group size (default :func:`~attnlab.distributed.choose_ulysses_size`);
     block_size   ring and hybrid: tokens per travelling key/value piece (default
                  :data:`attnlab.distributed.ring.DEFAULT_BLOCK_SIZE`);
-    backend      ulysses: the attnlab backend of the local attention (default "auto").
+    backend      ulysses: the attnlab backend of the local attention (default "auto");
+    layout       "zigzag" (default for ring and hybrid) or "contiguous" (the only one for ulysses): which
+                 tokens each rank holds; carried from ``shard`` to ``attention`` and ``gather``.
     """
 
     def __init__(self, group=None, method: str = "ring", *, ulysses_size: int | None = None,
-                 block_size: int | None = None, backend: str = "auto") -> None:
+                 block_size: int | None = None, backend: str = "auto", layout: str | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         if ulysses_size is not None and method != "hybrid":
             raise ValueError(f"ulysses_size applies to method='hybrid' only, got method={method!r}")
+        if layout is not None and layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or None, got {layout!r}")
+        if method == "ulysses" and layout == "zigzag":
+            raise ValueError("method='ulysses' holds contiguous slices (its all-to-all puts them back in order): "
+                             "use layout='contiguous' (or None), or method='ring' / 'hybrid' for the zigzag layout")
+        order = layout if layout is not None else ("contiguous" if method == "ulysses" else "zigzag")
         self.group, self.rank, self.world = comm.resolve_group(group)
         self.method = method
         self.block_size = block_size
@@ -83,16 +103,16 @@ class ContextParallel:
         self.mesh: Mesh | None = None
         if method == "hybrid":
             self.mesh = make_mesh(self.group, ulysses_size)
-            self.layout = self.mesh.layout
+            self.layout = self.mesh.layout_for(order)
         elif method == "ring":
-            self.layout = Layout(ring=self.world)
+            self.layout = Layout(ring=self.world, order=order)
         else:
-            self.layout = Layout(ulysses=self.world)
+            self.layout = Layout(ulysses=self.world, order=order)
         self.seq_len: int | None = None  # the true global length of the last sequence sharded
 
     def __repr__(self) -> str:
-        return (f"ContextParallel(method={self.method!r}, world={self.world}, rank={self.rank}, "
-                f"mesh=(ring {self.layout.ring} x ulysses {self.layout.ulysses}))")
+        return (f"ContextParallel(method={self.method!r}, layout={self.layout.order!r}, world={self.world}, "
+                f"rank={self.rank}, mesh=(ring {self.layout.ring} x ulysses {self.layout.ulysses}))")
 
     def _true_length(self, t_pad: int) -> int:
         return t_pad if self.seq_len is None or self.seq_len > t_pad else self.seq_len
@@ -136,19 +156,29 @@ class ContextParallel:
     # ----------------------------------------------------------------------------------------------
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                  key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
-        """Exact attention of this rank's (B, H, T_l, d) shards over the whole sequence -> (B, H, T_l, d_v).
+                  key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                  document_ids: torch.Tensor | None = None,
+                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Exact attention of this rank's (B, H, T_l, d) shards over the whole sequence -> (B, H, T_l, d_v),
+        in this object's layout.
 
-        key_padding_mask: (B, T_l) bool, True = padding (this rank's keys, sharded with :meth:`shard`)."""
+        key_padding_mask: (B, T_l) bool, True = padding (this rank's keys, sharded with :meth:`shard`);
+        document_ids: (B, T_l) integer document ids of this rank's tokens (``cp.shard(doc_ids)``), packed sequences;
+        return_lse: also return the log-sum-exp (B, H, T_l) of this rank's rows, in local token order.
+        A NaN or inf in one position's input spreads to every row that may attend it, on every rank."""
         t_pad = q.shape[-2] * self.world if isinstance(q, torch.Tensor) and q.dim() >= 2 else 0
         seq_len = None if self.seq_len is None else min(self.seq_len, t_pad)
+        order = self.layout.order
         if self.method == "ring":
             return ring_attention(q, k, v, group=self.group, causal=causal, key_padding_mask=key_padding_mask,
-                                  scale=scale, seq_len=seq_len, block_size=self.block_size)
+                                  scale=scale, seq_len=seq_len, block_size=self.block_size, layout=order,
+                                  document_ids=document_ids, return_lse=return_lse)
         if self.method == "ulysses":
             return ulysses_attention(q, k, v, group=self.group, causal=causal, key_padding_mask=key_padding_mask,
-                                     scale=scale, seq_len=seq_len, backend=self.backend)
+                                     scale=scale, seq_len=seq_len, backend=self.backend, document_ids=document_ids,
+                                     return_lse=return_lse)
         if self.mesh is None:  # pragma: no cover - set in __init__
             raise RuntimeError("hybrid ContextParallel without a mesh")
         return hybrid_attention(q, k, v, mesh=self.mesh, causal=causal, key_padding_mask=key_padding_mask,
-                                scale=scale, seq_len=seq_len, block_size=self.block_size)
+                                scale=scale, seq_len=seq_len, block_size=self.block_size, layout=order,
+                                document_ids=document_ids, return_lse=return_lse)

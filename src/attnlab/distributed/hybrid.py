@@ -5,7 +5,12 @@ block ``P - 1`` times. The hybrid runs Ulysses over consecutive ranks (usually o
 a group size that divides the heads) and ring attention between those groups: the all-to-all turns the
 ``U`` sequence slices of a ring chunk into H / U heads of the whole chunk, and the ring over the ``R``
 ranks that hold the same heads does the rest. The layout is :class:`~attnlab.distributed.layout.Layout`
-``(ring=R, ulysses=U)``; with ``R = 1`` it is Ulysses, with ``U = 1`` the ring.
+``(ring=R, ulysses=U, order=layout)``; with ``R = 1`` it is Ulysses, with ``U = 1`` the ring.
+
+``layout`` says how the ring chunks are dealt ("zigzag": ring rank i holds chunks i and 2R-1-i, balanced under
+a causal mask; "contiguous": chunk i); as for :func:`~attnlab.distributed.ring_attention`, the default is
+"zigzag" where the answer depends on it (causal, or ``seq_len`` padding), as ``ContextParallel.shard`` cuts:
+**shards cut any other way must say** ``layout="contiguous"``, since the shards cannot tell. Inside a ring chunk, Ulysses rank j holds the j-th of U slices.
 
 Shape letters: B batch, H heads, T_l local tokens, d head size.
 """
@@ -21,7 +26,7 @@ import torch.distributed as dist
 
 from attnlab.distributed import comm
 from attnlab.distributed.layout import Layout
-from attnlab.distributed.ring import ring_attention
+from attnlab.distributed.ring import _check_inputs, resolve_layout, ring_attention
 from attnlab.distributed.ulysses import ulysses_attention
 
 __all__ = ["Mesh", "choose_ulysses_size", "hybrid_attention", "make_mesh"]
@@ -38,7 +43,11 @@ class Mesh:
 
     @property
     def layout(self) -> Layout:
+        """The zigzag layout of this mesh (see :meth:`layout_for` for another order)."""
         return Layout(ring=self.ring, ulysses=self.ulysses)
+
+    def layout_for(self, order: str) -> Layout:
+        return Layout(ring=self.ring, ulysses=self.ulysses, order=order)
 
 
 def choose_ulysses_size(world: int) -> int:
@@ -86,17 +95,29 @@ def hybrid_attention(
     scale: float | None = None,
     seq_len: int | None = None,
     block_size: int | None = None,
-) -> torch.Tensor:
-    """Exact attention over a sequence split over ``mesh`` (layout ``Layout(mesh.ring, mesh.ulysses)``).
+    layout: str | None = None,
+    document_ids: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over a sequence split over ``mesh`` (layout ``Layout(mesh.ring, mesh.ulysses, layout)``).
 
-    q: (B, H, T_l, d), k: (B, H_kv, T_l, d), v: (B, H_kv, T_l, d_v) -> (B, H, T_l, d_v); ``mesh.ulysses`` must
-    divide H and H_kv. Arguments as in :func:`attnlab.distributed.ring_attention`.
+    q: (B, H, T_l, d), k: (B, H_kv, T_l, d), v: (B, H_kv, T_l, d_v) -> (B, H, T_l, d_v), or ``(out, lse)`` with
+    ``return_lse`` (lse (B, H, T_l) in this rank's local token order); ``mesh.ulysses`` must divide H and H_kv.
+    ``layout`` ("zigzag", the default with ``causal=True`` or ``seq_len`` padding, or "contiguous": shards not
+    cut by ``ContextParallel.shard`` must say which), ``document_ids``
+    and the other arguments as in :func:`attnlab.distributed.ring_attention`. A NaN or inf in one position's
+    input spreads to every row that may attend it.
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be an attnlab.distributed.Mesh (see make_mesh), got {type(mesh).__name__}")
-    ring = functools.partial(_ring_over, group=mesh.outer, block_size=block_size)
+    _check_inputs(q, k, v, key_padding_mask, document_ids)
+    t_pad = q.shape[-2] * mesh.ring * mesh.ulysses
+    full = _full(seq_len, q, mesh)
+    order = resolve_layout(layout, bool(causal), t_pad if full is None else full, t_pad, "hybrid_attention")
+    ring = functools.partial(_ring_over, group=mesh.outer, block_size=block_size, layout=order)
     return ulysses_attention(q, k, v, group=mesh.inner, causal=causal, key_padding_mask=key_padding_mask,
-                             scale=scale, seq_len=_full(seq_len, q, mesh), attend=ring)
+                             scale=scale, seq_len=full, attend=ring, document_ids=document_ids,
+                             return_lse=return_lse, _call="hybrid_attention", _layout=order)
 
 
 def _full(seq_len: int | None, q: torch.Tensor, mesh: Mesh) -> int | None:
@@ -104,11 +125,13 @@ def _full(seq_len: int | None, q: torch.Tensor, mesh: Mesh) -> int | None:
     if seq_len is None:
         return None
     t_pad = q.shape[-2] * mesh.ring * mesh.ulysses
-    if not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
         raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
     return seq_len
 
 
-def _ring_over(q, k, v, *, causal, key_padding_mask, scale, seq_len, group, block_size):
+def _ring_over(q, k, v, *, causal, key_padding_mask, scale, seq_len, group, block_size, layout, document_ids=None,
+               return_lse=False):
     return ring_attention(q, k, v, group=group, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                          seq_len=seq_len, block_size=block_size)
+                          seq_len=seq_len, block_size=block_size, layout=layout, document_ids=document_ids,
+                          return_lse=return_lse)

@@ -3,15 +3,24 @@
 The processes form a ``R x U`` mesh: rank ``g`` has ring index ``i = g // U`` and Ulysses index
 ``j = g % U`` (consecutive ranks, usually one node, share a Ulysses group; the ring runs across).
 
-* The padded sequence (``T_pad``, see :meth:`Layout.padded_length`) is cut into ``2R`` equal chunks and
-  ring index ``i`` owns chunks ``i`` and ``2R - 1 - i`` (the *zigzag* layout): under a causal mask every
-  ring rank then does the same work (an early chunk sees few keys, its partner chunk many). With ``R = 1``
-  the two chunks are simply the whole sequence in order.
+* ``order="zigzag"`` (the default): the padded sequence (``T_pad``, see :meth:`Layout.padded_length`) is
+  cut into ``2R`` equal chunks and ring index ``i`` owns chunks ``i`` and ``2R - 1 - i``: under a causal
+  mask every ring rank then does the same work (an early chunk sees few keys, its partner chunk many).
+  With ``R = 1`` the two chunks are simply the whole sequence in order.
+* ``order="contiguous"``: the padded sequence is cut into ``R`` equal chunks and ring index ``i`` owns
+  chunk ``i`` (ring-flash-attention's plain ring, yunchang's basic layout). Exact under a causal mask too,
+  but unbalanced: the last rank's queries see every key, the first rank's only its own.
+
+For P = 2, T = 8 (one Ulysses rank per ring rank)::
+
+    zigzag      rank 0: 0 1 6 7    rank 1: 2 3 4 5
+    contiguous  rank 0: 0 1 2 3    rank 1: 4 5 6 7
+
 * Inside a ring rank's ``2c`` tokens (its *ring chunk*), Ulysses index ``j`` holds the ``j``-th of ``U``
   equal contiguous slices; an all-to-all over the Ulysses group puts the ring chunk back together.
 
 Each rank's local sequence is a few *runs* of consecutive global positions (two for the zigzag,
-one otherwise), in increasing order; the block planner in :mod:`attnlab.distributed.ring` relies on that.
+one for the contiguous layout), in increasing order; the block planner in :mod:`attnlab.distributed.ring` relies on that.
 Sequences of any length are padded at the end to ``T_pad`` (the padding is never attended to; see
 ``seq_len`` in :func:`attnlab.distributed.ring_attention`).
 
@@ -24,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Layout", "Run"]
+__all__ = ["LAYOUTS", "Layout", "Run"]
+
+LAYOUTS = ("zigzag", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -41,14 +52,22 @@ class Run:
 class Layout:
     """The sequence layout of an ``R x U`` process mesh (``ring`` x ``ulysses``)."""
 
-    ring: int = 1  # R: ranks in the ring dimension (zigzag chunks when > 1)
+    ring: int = 1  # R: ranks in the ring dimension
     ulysses: int = 1  # U: ranks in the Ulysses (all-to-all) dimension
+    order: str = "zigzag"  # how the ring chunks are dealt: "zigzag" (balanced under causal) or "contiguous"
 
     def __post_init__(self) -> None:
         for name in ("ring", "ulysses"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Layout.{name} must be an int >= 1, got {value!r}")
+        if self.order not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.order!r}")
+
+    @property
+    def zigzag(self) -> bool:
+        """Whether ring ranks hold two chunks each (the zigzag with more than one ring rank)."""
+        return self.order == "zigzag" and self.ring > 1
 
     @property
     def world(self) -> int:
@@ -57,7 +76,7 @@ class Layout:
     @property
     def multiple(self) -> int:
         """``T_pad`` is a multiple of this: ``2P`` with a zigzag ring, ``P`` otherwise."""
-        return 2 * self.world if self.ring > 1 else self.world
+        return 2 * self.world if self.zigzag else self.world
 
     def padded_length(self, seq_len: int) -> int:
         """The smallest multiple of :attr:`multiple` that is >= ``seq_len`` (at least one)."""
@@ -69,12 +88,13 @@ class Layout:
 
     def ring_runs(self, ring_index: int, chunk_tokens: int) -> list[Run]:
         """The runs of a ring rank that holds ``chunk_tokens`` tokens (its whole ring chunk)."""
-        if self.ring == 1:
-            return [Run(0, 0, chunk_tokens)]
+        if not self.zigzag:
+            return [Run(0, ring_index * chunk_tokens, chunk_tokens)]
         if chunk_tokens % 2:
             raise ValueError(
                 f"a zigzag ring rank holds two equal chunks, so its token count must be even, got {chunk_tokens}; "
-                "shard the sequence with ContextParallel.shard (it pads to a multiple of 2 x world size)"
+                "shard the sequence with ContextParallel.shard (it pads to a multiple of 2 x world size), or use "
+                "layout='contiguous'"
             )
         c = chunk_tokens // 2
         return [Run(0, ring_index * c, c), Run(c, (2 * self.ring - 1 - ring_index) * c, c)]

@@ -8,19 +8,25 @@ vectors back to the sequence split. Exact, and the communication per rank is ``(
 k, v and output shards, whatever P is; the limit is that P must divide the number of heads (use
 ``ring_attention``, or the hybrid, when it does not).
 
+Layout: rank ``r`` holds the contiguous tokens ``[r T_l, (r + 1) T_l)`` (``layout="contiguous"``, the only one:
+the all-to-all puts them back in order). Packed sequences (``document_ids``): the ids of every rank are
+gathered and the local attention gets them (the flash backend skips the tiles of other documents).
+A NaN or inf in one position's input spreads to every output row that may attend that position.
+
 Shape letters: B batch, H query heads, H_kv key/value heads, T_l local tokens, T = P * T_l tokens,
 d head size, P processes in the group.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from attnlab import backends
 from attnlab.distributed import comm
-from attnlab.distributed.ring import _check_inputs, gather_masks
+from attnlab.distributed.ring import _check_inputs, gather_docs, gather_masks
 from attnlab.masks import padding_mask
 
 __all__ = ["ulysses_attention"]
@@ -69,18 +75,21 @@ def _heads_to_seq(x: torch.Tensor, group, world: int, what: str) -> torch.Tensor
 def _local_attention(backend: str) -> Callable[..., torch.Tensor]:
     """Attention over the whole (gathered) sequence on this rank, through an attnlab backend."""
 
-    def attend(q, k, v, *, causal, key_padding_mask, scale, seq_len):
+    def attend(q, k, v, *, causal, key_padding_mask, scale, seq_len, document_ids=None, return_lse=False):
         t = q.shape[-2]
         # The layout's padding sits at the end: attend over the true length only, zeros for the rest.
         q_, k_, v_ = q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len]  # (B, h, T_true, d)
         mask = None if key_padding_mask is None else padding_mask(key_padding_mask[:, :seq_len])  # (B, 1, 1, T_true)
+        docs = None if document_ids is None else document_ids[:, :seq_len]  # (B, T_true)
         if k_.shape[1] != q_.shape[1]:  # grouped-query: query head h uses key/value head h // groups
             g = q_.shape[1] // k_.shape[1]
             k_, v_ = k_.repeat_interleave(g, dim=1), v_.repeat_interleave(g, dim=1)  # (B, h, T_true, d)
-        out = backends.attention(q_, k_, v_, mask=mask, causal=causal, scale=scale, backend=backend)
+        out, lse = backends.attention(q_, k_, v_, mask=mask, causal=causal, scale=scale, backend=backend,
+                                      document_ids=docs, return_lse=True)  # (B, h, T_true, d_v), (B, h, T_true)
         if seq_len < t:
             out = torch.cat([out, out.new_zeros(*out.shape[:2], t - seq_len, out.shape[-1])], dim=2)  # (B, h, T, d_v)
-        return out
+            lse = torch.cat([lse, lse.new_full((*lse.shape[:2], t - seq_len), -math.inf)], dim=2)  # (B, h, T)
+        return (out, lse.detach()) if return_lse else out
 
     return attend
 
@@ -97,7 +106,11 @@ def ulysses_attention(
     seq_len: int | None = None,
     backend: str = "auto",
     attend: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
+    document_ids: torch.Tensor | None = None,
+    return_lse: bool = False,
+    _call: str = "ulysses_attention",
+    _layout: str = "contiguous",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over the sequence shared by the ranks of ``group``, by all-to-all head exchange.
 
     q: (B, H, T_l, d), k: (B, H_kv, T_l, d), v: (B, H_kv, T_l, d_v) -- this rank's contiguous slice of the
@@ -105,14 +118,24 @@ def ulysses_attention(
     -> (B, H, T_l, d_v). The group size must divide H and H_kv.
 
     causal, key_padding_mask ((B, T_l) bool, True = padding), scale: as in :func:`attnlab.backends.attention`;
+    document_ids: (B, T_l) or (T_l,) integer ids of this rank's tokens' documents (packed sequences): a query
+    sees only keys of its own document;
+    return_lse: also return this rank's rows' log-sum-exp, (B, H, T_l), natural log, compute dtype, local token
+    order, -inf for rows with no key; no gradient;
     seq_len: the true global length (positions >= seq_len are padding; default P * T_l); with ``attend`` it is
     passed on unchecked;
     backend: the attnlab backend for the local attention;
     attend: instead of a backend, a function ``attend(q, k, v, *, causal, key_padding_mask, scale, seq_len)``
-    over the head-split tensors (B, H/P, P T_l, d) (the hybrid method passes ring attention here).
+    over the head-split tensors (B, H/P, P T_l, d) (the hybrid method passes ring attention here); it also gets
+    ``document_ids=`` (B, P T_l) when given and ``return_lse=True`` when asked (then it returns ``(out, lse)``).
+
+    Every rank must make the same call (checked: the same ``ValueError`` on every rank otherwise). A NaN or inf
+    in one position's input spreads to every row that may attend it.
     """
     group, _rank, world = comm.resolve_group(group)
-    _check_inputs(q, k, v, key_padding_mask)
+    _check_inputs(q, k, v, key_padding_mask, document_ids)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
     b, h, t_l, d = q.shape
     h_kv = k.shape[1]
     if h % world:
@@ -126,17 +149,30 @@ def ulysses_attention(
     if attend is None:
         t = t_l * world
         seq_len = t if seq_len is None else seq_len
-        if not isinstance(seq_len, int) or not 0 <= seq_len <= t:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t:
             raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t}], got {seq_len!r}")
         attend = _local_attention(backend)
-    comm.check_same(group, q, "ulysses_attention", batch=b, heads=h, kv_heads=h_kv, local_tokens=t_l, head_dim=d,
-                    value_dim=v.shape[-1], causal=int(bool(causal)), has_key_padding_mask=int(key_padding_mask is not None),
-                    seq_len=-1 if seq_len is None else seq_len)
-    masks = gather_masks(key_padding_mask, group, world, q, "ulysses_attention")
+    comm.check_same(group, q, _call, batch=b, heads=h, kv_heads=h_kv, local_tokens=t_l, head_dim=d,
+                    value_dim=v.shape[-1], dtype=comm.DTYPE_IDS[q.dtype], causal=int(bool(causal)),
+                    layout=comm.LAYOUT_IDS[_layout], has_key_padding_mask=int(key_padding_mask is not None),
+                    has_document_ids=int(document_ids is not None), seq_len=-1 if seq_len is None else seq_len)
+    masks = gather_masks(key_padding_mask, group, world, q, _call)
     full_mask = None if key_padding_mask is None else torch.cat([m for m in masks if m is not None], dim=1)  # (B, T)
-    what = "ulysses_attention: the sequence-to-heads exchange"
+    docs = gather_docs(document_ids, group, world, b, q, _call)
+    extra: dict = {}
+    if document_ids is not None:
+        extra["document_ids"] = torch.cat([x for x in docs if x is not None], dim=1)  # (B, T) in sequence order
+    if return_lse:
+        extra["return_lse"] = True
+    what = f"{_call}: the sequence-to-heads exchange"
     q_h = _SeqToHeads.apply(q, group, world, what)  # (B, H/P, T, d)
     k_h = _SeqToHeads.apply(k, group, world, what)  # (B, H_kv/P, T, d)
     v_h = _SeqToHeads.apply(v, group, world, what)  # (B, H_kv/P, T, d_v)
-    out_h = attend(q_h, k_h, v_h, causal=causal, key_padding_mask=full_mask, scale=scale, seq_len=seq_len)  # (B, H/P, T, d_v)
-    return _HeadsToSeq.apply(out_h, group, world, "ulysses_attention: the heads-to-sequence exchange")  # (B, H, T_l, d_v)
+    got = attend(q_h, k_h, v_h, causal=causal, key_padding_mask=full_mask, scale=scale, seq_len=seq_len, **extra)
+    out_h, lse_h = got if return_lse else (got, None)  # (B, H/P, T, d_v), (B, H/P, T)
+    out = _HeadsToSeq.apply(out_h, group, world, f"{_call}: the heads-to-sequence exchange")  # (B, H, T_l, d_v)
+    if lse_h is None:
+        return out
+    with torch.no_grad():
+        lse = _heads_to_seq(lse_h.unsqueeze(-1), group, world, f"{_call}: the lse exchange")  # (B, H, T_l, 1)
+    return out, lse.squeeze(-1)  # (B, H, T_l, d_v), (B, H, T_l)

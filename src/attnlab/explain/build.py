@@ -77,11 +77,16 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float32).copy()
 
 
-def _check_int(name: str, value: object, low: int = 1, high: int | None = None) -> int:
+# torch seeds are unsigned 64-bit numbers, and SelfAttention_v2 uses seed + 666.
+MAX_SEED = 2**64 - 1 - 666
+
+
+def _check_int(name: str, value: object, low: int = 1, high: int | None = None,
+               why: str = " for a step-by-step walkthrough") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be at most {high} for a step-by-step walkthrough, got {value}")
+        raise ValueError(f"{name} must be at most {high}{why}, got {value}")
     return int(value)
 
 
@@ -159,10 +164,15 @@ def _resolve_inputs(tokens, embeddings, dim, seed) -> tuple[tuple[str, ...], np.
     toks = None if tokens is None else parse_tokens(tokens, what="tokens")
     if toks is not None:
         _check_count("tokens", "tokens", len(toks), MAX_TOKENS)
+    if dim is not None and (toks is None or embeddings is not None):  # it would be silently ignored
+        raise ValueError(f"dim sets the width of the random embeddings drawn for your tokens, so it needs tokens "
+                         f"and no embeddings (got dim={dim!r} with "
+                         f"{'embeddings' if embeddings is not None else 'the book embeddings'}): give tokens, or "
+                         "leave out dim")
     if embeddings is None:
         if toks is None:
             return tuple(BOOK_TOKENS), _np(book_inputs()), "book"
-        d = _check_int("dim", dim, high=MAX_DIM)
+        d = _check_int("dim", 3 if dim is None else dim, high=MAX_DIM)
         gen = torch.Generator().manual_seed(seed)
         drawn = torch.rand(len(toks), d, generator=gen)  # (T, dim), rounded for hand calculation
         return toks, np.round(_np(drawn), 2).astype(np.float32), "random"
@@ -257,7 +267,7 @@ def explain(
     seed: int = 123,
     scale: bool = True,
     sections: str | Iterable[str] | None = None,
-    dim: int = 3,
+    dim: int | None = None,
     v2_seed: int | None = None,
     kv_groups: int | None = None,
     window_size: int | None = None,
@@ -268,7 +278,8 @@ def explain(
 
     tokens      whitespace-separated string or list of tokens; None with no embeddings: the book's six
     embeddings  (num_tokens, d_in) nested lists / numpy / tensor; None: the book's, or seeded random
-                ones of width ``dim`` (rounded to 2 decimals) when tokens are given
+                ones of width ``dim`` (default 3; rounded to 2 decimals) when tokens are given (``dim``
+                without tokens, or with embeddings, is a ValueError: it would change nothing)
     query       a token, a 1-based position as text ("2"), or a 0-based int index; default the 2nd token
     weights     {"W_query", "W_key", "W_value"}, each d_in × d_out (x @ W), or a path to such a JSON file;
                 replaces the seeded weights everywhere (see the module docstring)
@@ -290,8 +301,10 @@ def explain(
 
     Raises ValueError / TypeError (one-line messages naming the argument) for bad input.
     """
-    seed = _check_int("seed", seed, low=0)
-    v2_seed = seed + 666 if v2_seed is None else _check_int("v2_seed", v2_seed, low=0)
+    seed = _check_int("seed", seed, low=0, high=MAX_SEED,
+                      why=" (torch seeds are 64-bit and SelfAttention_v2 uses seed + 666)")
+    v2_seed = seed + 666 if v2_seed is None else _check_int("v2_seed", v2_seed, low=0, high=2**64 - 1,
+                                                            why=" (torch seeds are 64-bit)")
     heads_given = heads is not None
     heads_asked, d_out_asked = heads, d_out
     heads = _check_int("heads", heads, high=MAX_HEADS) if heads_given else 2
@@ -315,7 +328,7 @@ def explain(
         d_out_asked = d_out  # the weights' width
     modern = {sec: modern_options(sec, heads=heads_asked, d_out=d_out_asked, kv_groups=kv_groups,
                                   window_size=window_size, rope_base=rope_base, rope_shift=rope_shift,
-                                  max_heads=MAX_HEADS, max_d_out=MAX_D_OUT)
+                                  max_heads=MAX_HEADS, max_d_out=MAX_D_OUT, num_tokens=len(toks))
               for sec in chosen if sec in MODERN_DEFAULTS}
     settings = Settings(
         d_in=d_in, d_out=d_out, heads=heads, dropout=dropout, seed=seed, v2_seed=v2_seed, scale=bool(scale),

@@ -10,21 +10,45 @@ from __future__ import annotations
 import csv
 import json
 import math
+import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["WEIGHT_NAMES", "load_embeddings", "load_weights", "parse_tokens", "to_matrix", "unique_labels"]
+__all__ = ["WEIGHT_NAMES", "invisible_only", "is_invisible", "load_embeddings", "load_weights", "parse_tokens", "to_matrix", "unique_labels"]
 
 WEIGHT_NAMES = ("W_query", "W_key", "W_value")
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger numbers become inf in float32
 
 
+# Characters that show nothing: format characters (zero-width space U+200B, joiners, U+FEFF, soft hyphen),
+# controls, separators, and the fillers that fonts draw blank.
+_INVISIBLE_CATEGORIES = ("Cf", "Cc", "Zs", "Zl", "Zp")
+_BLANK_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_invisible(char: str) -> bool:
+    """True for a character that shows nothing (zero-width, control, space-like)."""
+    return char.isspace() or char in _BLANK_FILLERS or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+
+
+def invisible_only(text: str) -> bool:
+    """True when ``text`` has no visible character at all (empty included)."""
+    return all(is_invisible(c) for c in text)
+
+
+def _codes(text: str, limit: int = 4) -> str:
+    shown = sorted(set(text))
+    names = ", ".join(f"U+{ord(c):04X}" for c in shown[:limit])
+    return names + (", ..." if len(shown) > limit else "")
+
+
 def parse_tokens(text: str | Sequence[str], *, what: str = "--tokens") -> tuple[str, ...]:
-    """Tokens from a whitespace-separated string (or a sequence of strings)."""
+    """Tokens from a whitespace-separated string (or a sequence of strings); a token made only of invisible
+    characters (zero-width spaces and the like, which ``str.split`` keeps) is a ValueError."""
     if isinstance(text, str):
         tokens = tuple(text.split())
     else:
@@ -33,6 +57,10 @@ def parse_tokens(text: str | Sequence[str], *, what: str = "--tokens") -> tuple[
             raise ValueError(f"{what} must be non-empty tokens without spaces, got {list(tokens)!r}")
     if not tokens:
         raise ValueError(f"{what} is empty: give at least one token, e.g. {what} \"The cat ran\"")
+    for i, t in enumerate(tokens):
+        if invisible_only(t):
+            raise ValueError(f"{what}: token {i + 1} is made only of invisible characters ({_codes(t)}), which "
+                             f"would show as nothing; give visible tokens, e.g. {what} \"The cat ran\"")
     return tokens
 
 

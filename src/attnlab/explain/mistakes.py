@@ -1,26 +1,33 @@
-"""The known wrong ways to compute a step, so that ``--expect`` can name the one a learner made.
+"""The mistakes learners make in chapter 3, each as a change to one kind of operation.
 
-Each :class:`Mistake` has a stable id (the ``mistake`` field of ``--format json`` checks), a one-line
-name, and the fix. :func:`wrong_values` computes a section the way a learner who made one mistake
-would, from the recorded inputs (the embeddings and the section's W_query / W_key / W_value) with
-:mod:`attnlab.functional`'s operations in float64; one :class:`_Config` field differs from the right
-computation per mistake, and the error flows on into every later step of the section as it would by
-hand. :func:`right_config` (no field changed) reproduces the recorded steps (tested), so a mistake's
-numbers differ from the right ones only by the mistake.
+A :class:`Hypothesis` is a way the learner may have worked: the right way (no change), or one named
+mistake, which overrides the operation of the steps it concerns (the scaling, the softmax, the dot
+product, a projection, the mask, dropout, the weighted sum, the heads' split or merge) and leaves every
+other step as it is. :func:`attnlab.explain.recompute.evaluate` runs a hypothesis from the learner's own
+numbers down to one step, so a mistake is only ever named for a step whose computation contains its
+operation (``no_scaling`` never for ``trainable.scores``, ``softmax_wrong_axis`` never for the scaled
+scores): a hypothesis that overrides nothing on the way gives the right numbers and is not a candidate.
 
-Catalogue (id: what the learner did):
-    no_scaling                 the scores were not divided by √d_k
-    scaled_by_d_k              divided by d_k instead of √d_k
-    softmax_wrong_axis         softmax down the columns (dim=0) instead of along each row
-    normalised_by_sum          divided the scores by their sum instead of the softmax
-    raw_embeddings             the embeddings instead of the queries and keys (x @ xᵀ: all.scores)
-    keys_queries_swapped       k_i · q_j instead of q_i · k_j (the transposed scores)
-    w_transposed               W·x instead of x·W (W transposed; square W only)
-    mask_after_no_renorm       masked after the softmax without renormalising (causal.weights_zeroed)
-    dropout_no_rescale         dropout without the 1/(1 − p) rescaling of the kept weights
-    scores_instead_of_weights  the scores instead of the weights in the weighted sum
-    values_replaced_by_keys    the keys instead of the values in the weighted sum
-    values_replaced_by_embeddings  the embeddings instead of the values in the weighted sum
+Catalogue (id: what the learner did; the operation it changes):
+    no_scaling                 the scores were not divided by √d_k                         (scale)
+    scaled_by_d_k              divided by d_k instead of √d_k                              (scale)
+    scaled_by_sqrt_d_in        divided by √d_in (the embeddings' width) instead of √d_k    (scale, heads)
+    scaled_by_sqrt_d_model     divided by √d_model = √d_out instead of √d_k of one head     (heads)
+    softmax_wrong_axis         softmax down the columns (dim=0) instead of along each row  (softmax)
+    normalised_by_sum          divided the scores by their sum instead of the softmax      (softmax)
+    raw_embeddings             the embeddings instead of the queries and keys (x_i · x_j)   (dot)
+    keys_queries_swapped       k_i · q_j instead of q_i · k_j                              (dot)
+    another_query              the query of another token (its row instead of the query's) (dot)
+    keys_from_query_weights    keys made with W_query instead of W_key                     (projection)
+    w_transposed               W·x instead of x·W (square W only)                          (projection)
+    mask_with_zero             masked with 0 instead of -inf before the softmax            (mask)
+    mask_after_no_renorm       masked after the softmax without renormalising              (mask)
+    dropout_no_rescale         dropout without the 1/(1 − p) rescaling of the kept weights (dropout)
+    scores_instead_of_weights  the scores instead of the weights in the weighted sum       (weighted sum)
+    values_replaced_by_keys    the keys instead of the values in the weighted sum          (weighted sum)
+    values_replaced_by_embeddings  the embeddings instead of the values                    (weighted sum)
+    heads_split_wrong          q.view(H, T, d_head) instead of view(T, H, d_head).transpose  (heads)
+    heads_concat_wrong         heads merged by view(T, d_out) without transposing back     (merge)
 Two more are diagnosed by :mod:`.check` itself: ``one_wrong_number`` (a single slip, e.g. one dot
 product) and ``follows_from_yours`` (right, given the learner's own wrong numbers of an earlier step).
 """
@@ -28,21 +35,33 @@ product) and ``follows_from_yours`` (right, given the learner's own wrong number
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from attnlab import functional as F
-from attnlab.explain.steps import Walkthrough
+from attnlab.explain.recompute import (
+    Interval,
+    Override,
+    by_sum,
+    evaluate,
+    matmul,
+    mha_attention,
+    scale,
+    scores,
+    softmax,
+    times,
+)
+from attnlab.explain.steps import Step, Walkthrough
 
-__all__ = ["CATALOGUE", "Mistake", "mistake_configs", "right_config", "wrong_values"]
+__all__ = ["CATALOGUE", "Hypothesis", "Mistake", "hypotheses", "mistake_configs", "right_config", "wrong_values"]
 
 
 @dataclass(frozen=True)
 class Mistake:
     """id (stable, in JSON), name (one line: what was done), fix (how to do it right); ``name`` and
-    ``fix`` may use ``{d_k}``, ``{root}`` (√d_k), ``{rescale}`` (1/(1 − p)) and ``{earlier}``."""
+    ``fix`` may use ``{d_k}``, ``{root}`` (√d_k), ``{rescale}`` (1/(1 − p)), ``{d_in}``, ``{token}`` and
+    ``{earlier}``."""
 
     id: str
     name: str
@@ -51,7 +70,8 @@ class Mistake:
     def text(self, walk: Walkthrough, **extra: str) -> tuple[str, str]:
         d = walk.settings.d_out
         p = walk.settings.dropout
-        values = {"d_k": str(d), "root": f"{math.sqrt(d):.4f}", "rescale": f"{1.0 / (1.0 - p):g}", **extra}
+        values = {"d_k": str(d), "root": f"{math.sqrt(d):.4f}", "rescale": f"{1.0 / (1.0 - p):g}",
+                  "d_in": str(walk.settings.d_in), "token": "", "earlier": "", "head": "", **extra}
         return self.name.format(**values), self.fix.format(**values)
 
 
@@ -60,6 +80,11 @@ _ENTRIES = (
             "divide every score by √d_k = √{d_k} = {root} (d_k = {d_k}, the keys' width) before the softmax"),
     Mistake("scaled_by_d_k", "the scores were divided by d_k = {d_k} instead of √d_k",
             "divide by the square root of d_k: √{d_k} = {root}"),
+    Mistake("scaled_by_sqrt_d_in", "the scores were divided by √d_in = √{d_in} (the embeddings' width) "
+            "instead of √d_k",
+            "d_k is the width of the keys ({d_k}{head}), not of the embeddings: divide by √d_k"),
+    Mistake("scaled_by_sqrt_d_model", "the scores were divided by √d_model = √{d_k} instead of √d_k of one head",
+            "each head's keys have d_k = d_out / heads numbers: divide by the square root of that"),
     Mistake("softmax_wrong_axis", "the softmax was taken down the columns (over the queries, dim=0) "
             "instead of along each row",
             "take the softmax of each row (dim=-1): one query's weights over all the keys sum to 1"),
@@ -70,9 +95,15 @@ _ENTRIES = (
             "project first: q_i = x_i @ W_query and k_j = x_j @ W_key, then score(i, j) = q_i · k_j"),
     Mistake("keys_queries_swapped", "keys and queries were swapped: k_i · q_j, the transposed scores",
             "score(i, j) = q_i · k_j: the query's own q against every token's k"),
+    Mistake("another_query", "the query of another token ({token}) was used: these are its numbers",
+            "use the query's own vector: the row of the query token, not of {token}"),
+    Mistake("keys_from_query_weights", "the keys were made with W_query instead of W_key (k_j = x_j @ W_query)",
+            "k_j = x_j @ W_key: each of W_query, W_key and W_value makes its own vectors"),
     Mistake("w_transposed", "W·x instead of x·W (the weight matrix transposed)",
-            "the chapter multiplies the row vector by the matrix: q_i = x_i @ W_query, each number a column "
-            "of W_query dotted with x_i"),
+            "the chapter multiplies the row vector by the matrix, x_i @ W (q_i = x_i @ W_query, "
+            "k_i = x_i @ W_key, v_i = x_i @ W_value): each number is a column of W dotted with x_i"),
+    Mistake("mask_with_zero", "the future scores were set to 0 instead of -inf before the softmax",
+            "masked_fill with -inf: exp(-inf) = 0 gives them weight 0, while a score of 0 still gets exp(0) = 1"),
     Mistake("mask_after_no_renorm", "masked after the softmax without renormalising "
             "(the numbers of causal.weights_zeroed)",
             "divide each row by its sum after zeroing the future, or set the future scores to -inf before "
@@ -87,6 +118,12 @@ _ENTRIES = (
     Mistake("values_replaced_by_embeddings", "the embeddings were used instead of the values in the "
             "weighted sum",
             "z_i = Σ_j weight(i, j) × v_j with the values v_j = x_j @ W_value, not the embeddings"),
+    Mistake("heads_split_wrong", "the heads were split with view(heads, T, d_head), which mixes tokens and "
+            "heads, instead of view(T, heads, d_head).transpose(0, 1)",
+            "split the last dimension: q.view(T, heads, d_head), then transpose to (heads, T, d_head)"),
+    Mistake("heads_concat_wrong", "the heads were merged with view(T, d_out) on (heads, T, d_head), without "
+            "transposing back first",
+            "context.transpose(0, 1) to (T, heads, d_head) first, then .contiguous().view(T, d_out)"),
     Mistake("one_wrong_number", "one number is off: {earlier}",
             "redo that one number (how it is made is below); the others are right"),
     Mistake("follows_from_yours", "your numbers follow correctly from your own {earlier}, which is wrong",
@@ -96,113 +133,222 @@ CATALOGUE: dict[str, Mistake] = {m.id: m for m in _ENTRIES}
 
 
 @dataclass(frozen=True)
-class _Config:
-    """How a section is computed; the right way is :func:`right_config`."""
+class Hypothesis:
+    """A way of working: ``mistake`` None is the right way; ``override`` changes the operations the
+    mistake concerns (see :func:`attnlab.explain.recompute.evaluate`); ``words`` fill the mistake's text
+    (e.g. the other token of ``another_query``)."""
 
-    divisor: str = "sqrt"  # "sqrt" (√d_k), "none", "d_k"
-    normaliser: str = "softmax"  # or "sum"
-    softmax_dim: int = -1
-    qk: str = "qk"  # "qk", "x" (raw embeddings), "swapped"
-    transpose_w: bool = False
-    renormalise: bool = True
-    rescale_dropout: bool = True
-    ctx_weights: str = "weights"  # or "scores"
-    ctx_values: str = "values"  # "keys", "x"
+    mistake: str | None
+    override: Override | None = None
+    words: Mapping[str, str] = field(default_factory=dict)
 
-
-_SECTIONS = ("simple", "all", "trainable", "causal")  # the sections computed here (multihead: by the classes)
-
-
-def right_config(walk: Walkthrough, section: str) -> _Config:
-    scaled = walk.settings.scale and section in ("trainable", "causal")
-    return _Config(divisor="sqrt" if scaled else "none")
+    @property
+    def label(self) -> str:
+        if self.mistake is None:
+            return "right"
+        return self.mistake + (f"({self.words['token']})" if self.words.get("token") else "")
 
 
-def mistake_configs(walk: Walkthrough, section: str) -> list[tuple[str, _Config]]:
-    """(mistake id, the section's config with that one mistake), for the mistakes that apply."""
-    if section not in _SECTIONS:
-        return []  # e.g. a pretrained model's steps: not the chapter's computation
-    right = right_config(walk, section)
-    out: list[tuple[str, _Config]] = []
-    if section in ("trainable", "causal"):
-        if walk.settings.scale:
-            out += [("no_scaling", replace(right, divisor="none")), ("scaled_by_d_k", replace(right, divisor="d_k"))]
-        out += [("raw_embeddings", replace(right, qk="x")), ("keys_queries_swapped", replace(right, qk="swapped"))]
-        if walk.settings.d_in == walk.settings.d_out:
-            out.append(("w_transposed", replace(right, transpose_w=True)))
-    if section != "simple":
-        out.append(("softmax_wrong_axis", replace(right, softmax_dim=0)))
-    out.append(("normalised_by_sum", replace(right, normaliser="sum")))
-    out.append(("scores_instead_of_weights", replace(right, ctx_weights="scores")))
-    if section in ("trainable", "causal"):
-        out += [("values_replaced_by_keys", replace(right, ctx_values="keys")),
-                ("values_replaced_by_embeddings", replace(right, ctx_values="x"))]
-    if section == "causal":
-        out += [("mask_after_no_renorm", replace(right, renormalise=False)),
-                ("dropout_no_rescale", replace(right, rescale_dropout=False))]
+# --------------------------------------------------------------------------------------------------
+# The overrides: (walk, step, operands, values so far) -> the step's numbers the mistaken way, or None
+# --------------------------------------------------------------------------------------------------
+
+
+def _kind(step: Step) -> str:
+    return "" if step.how is None else step.how.kind
+
+
+def _recorded(walk: Walkthrough, sid: str, values: Mapping[str, Interval]) -> Interval:
+    return values[sid] if sid in values else Interval.point(walk.step(sid).values)
+
+
+def _in_qk_section(step: Step) -> bool:
+    return step.section in ("trainable", "causal")
+
+
+def _scale_by(divisor: str):
+    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+        if _kind(step) != "scale" or not _in_qk_section(step):
+            return None
+        d_in, d_k = walk.settings.d_in, walk.settings.d_out
+        by = {"none": 1.0, "d_k": float(d_k), "sqrt_d_in": math.sqrt(d_in)}[divisor]
+        return scale(ops[0], by)
+    return override
+
+
+def _softmax_rows_down(walk, step, ops, values) -> Interval | None:
+    if _kind(step) not in ("softmax", "softmax_naive") or ops[0].mid.ndim != 2:
+        return None
+    return softmax(ops[0], dim=0)
+
+
+def _by_sum(walk, step, ops, values) -> Interval | None:
+    if _kind(step) not in ("softmax", "softmax_naive") or not np.isfinite(ops[0].mid).all():
+        return None
+    return by_sum(ops[0])
+
+
+def _dot_operands(step: Step) -> bool:
+    return _kind(step) == "dot" and _in_qk_section(step) and step.how is not None and \
+        step.how.operands[0].endswith(".queries")
+
+
+def _raw_embeddings(walk, step, ops, values) -> Interval | None:
+    if not _dot_operands(step):
+        return None
+    x = _recorded(walk, "input.embeddings", values)
+    return scores(x, x)
+
+
+def _swapped(walk, step, ops, values) -> Interval | None:
+    return scores(ops[1], ops[0]) if _dot_operands(step) else None
+
+
+def _another_query(j: int):
+    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+        if _kind(step) != "dot":
+            return None
+        qi = walk.query
+        if step.values.ndim == 1:
+            row = Interval(ops[0].mid[j][None, :], ops[0].rad[j][None, :])  # (1, d)
+            out = scores(row, ops[1])  # (1, T)
+            return Interval(out.mid[0], out.rad[0])  # (T,)
+        right = scores(ops[0], ops[1])  # (T, T)
+        mid, rad = right.mid.copy(), right.rad.copy()
+        mid[qi], rad[qi] = right.mid[j], right.rad[j]
+        return Interval(mid, rad)
+    return override
+
+
+def _keys_from_queries(walk, step, ops, values) -> Interval | None:
+    if _kind(step) != "project" or step.name != "keys" or not _in_qk_section(step):
+        return None
+    return matmul(ops[0], _recorded(walk, f"{step.section}.W_query", values))
+
+
+def _w_transposed(walk, step, ops, values) -> Interval | None:
+    if _kind(step) != "project" or ops[1].mid.shape[0] != ops[1].mid.shape[1]:
+        return None
+    return matmul(ops[0], ops[1].transpose(1, 0))
+
+
+def _mask_with_zero(walk, step, ops, values) -> Interval | None:
+    return times(ops[0], ops[1].mid) if _kind(step) == "mask_before" else None
+
+
+def _no_renorm(walk, step, ops, values) -> Interval | None:
+    if _kind(step) == "mask_after":
+        return ops[0]
+    if step.id == "causal.weights_masked":
+        masked = walk.step("causal.scores_masked")
+        if masked.how is None:
+            return None
+        logits_id, mask_id = masked.how.operands
+        weights = softmax(_recorded(walk, logits_id, values))
+        return times(weights, walk.step(mask_id).values)
+    return None
+
+
+def _dropout_no_rescale(walk, step, ops, values) -> Interval | None:
+    if _kind(step) != "dropout" or not ops:
+        return None
+    return times(ops[0], (step.values != 0).astype(np.float64))
+
+
+def _weighted(replace: str):
+    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+        if _kind(step) != "weighted_sum" or step.how is None:
+            return None
+        w, v = ops
+        if replace == "scores":
+            source = walk.step(step.how.operands[0])
+            if source.how is None or not source.how.operands:
+                return None
+            w = _recorded(walk, source.how.operands[0], values)
+        elif replace == "keys":
+            if not _in_qk_section(step):
+                return None
+            v = _recorded(walk, f"{step.section}.keys", values)
+        else:
+            if not _in_qk_section(step):
+                return None
+            v = _recorded(walk, "input.embeddings", values)
+        if v.mid.shape[-1] != step.values.shape[-1]:
+            return None
+        if w.mid.ndim == 1:
+            return matmul(w.reshape(1, -1), v).reshape(-1)  # (1, T) @ (T, d) -> (d,)
+        return matmul(w, v)
+    return override
+
+
+def _heads(split: str = "right", divisor: str = "head"):
+    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+        if step.id not in ("multihead.mha_weights", "multihead.mha_context"):
+            return None
+        out = mha_attention(walk, split=split, divisor=divisor)
+        if out is None:
+            return None
+        return Interval.point(out[0] if step.name == "mha_weights" else out[1])
+    return override
+
+
+def _concat_wrong(walk, step, ops, values) -> Interval | None:
+    if _kind(step) != "concat" or ops[0].mid.ndim != 3:
+        return None
+    h, t, hd = ops[0].mid.shape
+    return ops[0].reshape(t, h * hd)  # (H, T, hd) viewed as (T, H * hd) without the transpose
+
+
+def right_config(walk: Walkthrough, section: str) -> Hypothesis:
+    """The right way (every step computed by its own operation)."""
+    return Hypothesis(None)
+
+
+def hypotheses(walk: Walkthrough, *, query_row: bool = True) -> list[Hypothesis]:
+    """Every named mistake as a hypothesis, in the catalogue's order; ``another_query`` once per other
+    token, and only when the numbers compared are the query's row (``query_row``)."""
+    st = walk.settings
+    out = [Hypothesis("no_scaling", _scale_by("none")), Hypothesis("scaled_by_d_k", _scale_by("d_k"))]
+    if st.d_in != st.d_out:
+        out.append(Hypothesis("scaled_by_sqrt_d_in", _scale_by("sqrt_d_in")))
+    out += [Hypothesis("softmax_wrong_axis", _softmax_rows_down), Hypothesis("normalised_by_sum", _by_sum),
+            Hypothesis("raw_embeddings", _raw_embeddings), Hypothesis("keys_queries_swapped", _swapped)]
+    if query_row:
+        out += [Hypothesis("another_query", _another_query(j), {"token": walk.labels[j]})
+                for j in range(len(walk.labels)) if j != walk.query]
+    out += [Hypothesis("keys_from_query_weights", _keys_from_queries), Hypothesis("w_transposed", _w_transposed),
+            Hypothesis("mask_with_zero", _mask_with_zero), Hypothesis("mask_after_no_renorm", _no_renorm),
+            Hypothesis("dropout_no_rescale", _dropout_no_rescale),
+            Hypothesis("scores_instead_of_weights", _weighted("scores")),
+            Hypothesis("values_replaced_by_keys", _weighted("keys")),
+            Hypothesis("values_replaced_by_embeddings", _weighted("x"))]
+    if "multihead.mha_weights" in walk:
+        out += [Hypothesis("heads_split_wrong", _heads(split="wrong")),
+                Hypothesis("scaled_by_sqrt_d_model", _heads(divisor="d_model"))]
+        if st.d_in != st.d_out // max(1, st.mha_heads or st.heads):
+            out.append(Hypothesis("scaled_by_sqrt_d_in", _heads(divisor="d_in"), {"head": " per head"}))
+        out.append(Hypothesis("heads_concat_wrong", _concat_wrong))
     return out
 
 
-def _v(walk: Walkthrough, step_id: str) -> torch.Tensor:
-    return torch.from_numpy(walk.step(step_id).values.astype(np.float64))
+def mistake_configs(walk: Walkthrough, section: str) -> list[tuple[str, Hypothesis]]:
+    """(mistake id, hypothesis) for the mistakes that change some step of ``section``."""
+    out = []
+    for hyp in hypotheses(walk):
+        changed = wrong_values(walk, section, hyp)
+        right = wrong_values(walk, section, right_config(walk, section))
+        if any(k in right and not np.allclose(v, right[k], equal_nan=True) for k, v in changed.items()):
+            out.append((hyp.mistake or "", hyp))
+    return out
 
 
-def _normalise(cfg: _Config, scores: torch.Tensor) -> torch.Tensor:
-    if cfg.normaliser == "sum":
-        return F.normalize_by_sum(scores, dim=cfg.softmax_dim)
-    return F.softmax(scores, dim=cfg.softmax_dim)
-
-
-def wrong_values(walk: Walkthrough, section: str, cfg: _Config) -> dict[str, np.ndarray]:
-    """Every step of ``section`` computed with ``cfg`` (step id -> float64 values of the step's shape);
-    the steps a config cannot change (the classes' outputs) are left out."""
-    if section not in _SECTIONS or "input.embeddings" not in walk:
-        return {}
-    x = _v(walk, "input.embeddings")  # (T, d_in)
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        if section == "simple":
-            xq = x[walk.query]  # (d_in,)
-            scores = F.dot_scores(xq, x)  # (T,)
-            weights = _normalise(replace(cfg, softmax_dim=-1), scores)  # (T,)
-            out = {"scores": scores, "weights": weights,
-                   "context": (scores if cfg.ctx_weights == "scores" else weights) @ x}  # (d_in,)
-        elif section == "all":
-            scores = F.all_pair_scores(x)  # (T, T)
-            weights = _normalise(cfg, scores)  # (T, T)
-            out = {"scores": scores, "weights": weights,
-                   "context": F.context_vectors(scores if cfg.ctx_weights == "scores" else weights, x)}
-        elif section in ("trainable", "causal"):
-            out = _attention(walk, section, cfg, x)
-    return {f"{section}.{k}": v.numpy() for k, v in out.items() if f"{section}.{k}" in walk}
-
-
-def _attention(walk: Walkthrough, sec: str, cfg: _Config, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    w = {n: _v(walk, f"{sec}.{n}") for n in ("W_query", "W_key", "W_value")}  # (d_in, d_out) each
-    if cfg.transpose_w:
-        w = {n: m.T for n, m in w.items()}  # W·x for a column x is x @ Wᵀ for a row
-    q, k, v = x @ w["W_query"], x @ w["W_key"], x @ w["W_value"]  # (T, d_out) each
-    qs, ks = {"qk": (q, k), "x": (x, x), "swapped": (k, q)}[cfg.qk]
-    scores = F.all_pair_scores(qs, ks)  # (T, T)
-    d = walk.settings.d_out
-    logits = scores / {"sqrt": math.sqrt(d), "none": 1.0, "d_k": float(d)}[cfg.divisor]  # (T, T)
-    weights = _normalise(cfg, logits)  # (T, T)
-    out = {"queries": q, "keys": k, "values": v, "scores": scores, "scaled_scores": logits, "weights": weights}
-    if sec == "trainable":
-        vals = {"values": v, "keys": k, "x": x}[cfg.ctx_values]
-        if vals.shape[-1] == v.shape[-1]:
-            out["context"] = F.context_vectors(logits if cfg.ctx_weights == "scores" else weights, vals)
-        return out
-    allowed = _v(walk, "causal.mask") > 0  # (T, T) bool
-    zeroed = weights * allowed  # (T, T)
-    out["weights_zeroed"] = zeroed
-    out["weights_renormalized"] = F.mask_after_softmax(weights, allowed) if cfg.renormalise else zeroed
-    masked = F.mask_before_softmax(logits, allowed)  # (T, T)
-    out["scores_masked"] = masked
-    out["weights_masked"] = _normalise(cfg, masked) if cfg.renormalise else zeroed
-    p = walk.settings.dropout
-    factor = 1.0 / (1.0 - p) if cfg.rescale_dropout else 1.0
-    for name, src in (("dropout_example", torch.ones_like(zeroed)), ("dropout_weights", out["weights_masked"])):
-        keep = _v(walk, f"causal.{name}") != 0  # the seeded draw of the recorded step
-        out[name] = src * keep * factor
+def wrong_values(walk: Walkthrough, section: str, cfg: Hypothesis) -> dict[str, np.ndarray]:
+    """Every step of ``section`` that can be computed, computed the hypothesis's way from the recorded
+    inputs and weights (step id -> float64 values of the step's shape)."""
+    out: dict[str, np.ndarray] = {}
+    override = cfg.override if cfg.override is not None else _heads()
+    for step in walk.section_steps(section):
+        got = evaluate(walk, step.id, override=override)
+        if got is not None and got.mid.shape == step.shape:
+            out[step.id] = got.mid
     return out

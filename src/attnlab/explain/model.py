@@ -32,7 +32,8 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -61,7 +62,16 @@ def _canonical(model: Any) -> str:
     """The canonical name; ValueError from :mod:`attnlab.pretrained`'s one check, naming ``model``."""
     from attnlab.pretrained import _canonical_name
 
+    if isinstance(model, str) and model.strip().lower() not in _known() and Path(model).expanduser().is_dir():
+        raise ValueError(f"model {model!r} is a directory without a config.json: give a Hugging Face model "
+                         "directory (config.json, weights and tokenizer from save_pretrained) or minilm")
     return _canonical_name(model, "model")
+
+
+def _known() -> set[str]:
+    from attnlab.pretrained import MODEL_NAMES
+
+    return set(MODEL_NAMES)
 
 
 @functools.cache
@@ -116,11 +126,25 @@ class ModelWalkthrough(Walkthrough):
     num_heads: int = 0
     truncated: bool = False
     max_tokens: int = 0
+    # A local Hugging Face model directory (None: a packaged model such as minilm) and its facts.
+    directory: str | None = None
+    causal: bool = False  # the model's mask hid some keys from some queries (a decoder's future tokens)
+    kv_head: int = 0  # 1-based key/value head the head reads (grouped-query attention)
+    num_kv_heads: int = 0
+    scaling: float = 0.0  # what the scores were multiplied by
 
     @property
     def settings_text(self) -> str:
         """The line the renderers show instead of the toy's settings line."""
         st = self.settings
+        if self.directory is not None:
+            kv = (f" (reads key/value head {self.kv_head} of {self.num_kv_heads})"
+                  if self.num_kv_heads != self.num_heads else "")
+            return (f"{self.model} · layer {self.layer} of {self.num_layers}, head {self.head} of "
+                    f"{self.num_heads}{kv} (1-based) · x: the hidden states entering layer {self.layer}'s attention"
+                    f" · d_in = {st.d_in}, d_k = {st.d_out} per head · scores × {self.scaling:.6g}"
+                    + (" · causal" if self.causal else "")
+                    + (f" · text cut at {self.max_tokens} tokens" if self.truncated else ""))
         return (f"{self.model} · layer {self.layer} of {self.num_layers}, "
                 f"head {self.head} of {self.num_heads} "
                 f"(1-based) · x: the hidden states entering layer {self.layer} · d_in = {st.d_in}, "
@@ -156,6 +180,9 @@ class ModelWalkthrough(Walkthrough):
         data["model"] = {"name": self.model, "layer": self.layer, "head": self.head,
                          "num_layers": self.num_layers, "num_heads": self.num_heads,
                          "numbering": "1-based", "truncated": self.truncated, "max_tokens": self.max_tokens}
+        if self.directory is not None:
+            data["model"].update({"directory": self.directory, "causal": self.causal, "kv_head": self.kv_head,
+                                  "num_kv_heads": self.num_kv_heads, "scaling": self.scaling})
         return data
 
 
@@ -165,9 +192,9 @@ def _projection_line(walk: Walkthrough, step: Step, row: int, p: int) -> list[st
         return []
     x_step, w_step = (walk.step(o) for o in step.how.operands)
     x_name = cells.row_name(walk, x_step, (row,))
-    bias = step.how.params.get("bias_name", "b")
-    return [(f"  {cells.row_name(walk, step, (row,))} = {x_name} @ {w_step.symbol} + {bias} = "
-             f"{_short(x_step.values[row], p)} @ {w_step.symbol} + {bias} = {_short(step.values[row], p)}")]
+    plus = f" + {step.how.params.get('bias_name', 'b')}" if step.how.params.get("bias", ()) is not None else ""
+    return [(f"  {cells.row_name(walk, step, (row,))} = {x_name} @ {w_step.symbol}{plus} = "
+             f"{_short(x_step.values[row], p)} @ {w_step.symbol}{plus} = {_short(step.values[row], p)}")]
 
 
 def _resolve_model_query(query: str | int | None, tokens: Sequence[str], labels: Sequence[str]) -> int:
@@ -203,6 +230,8 @@ def explain_model(
     Raises ValueError / TypeError (one line naming the argument) for bad input, and ModuleNotFoundError
     naming ``pip install 'attnlab[models]'`` when the optional model packages are missing.
     """
+    if encoder is None and _is_model_dir(model):
+        return _explain_dir(text, model, layer, head, query, all_layers)
     canonical, enc = _checked_encoder(model, text, encoder)
     n_layers, n_heads = enc.num_layers, enc.num_heads
     layer = n_layers if layer is None else _check_number("layer", layer, n_layers, "layers")
@@ -240,6 +269,8 @@ def attention_maps(text: str, *, model: str = DEFAULT_MODEL, encoder: Any = None
     encoder loaded once per process. A text over the model's token limit gives one one-line UserWarning
     (as :func:`explain_model`); ValueError / TypeError for a bad name or text; ModuleNotFoundError naming
     ``pip install 'attnlab[models]'`` when the optional model packages are missing."""
+    if encoder is None and _is_model_dir(model):
+        return _model_dir_maps(text, model)
     canonical, enc = _checked_encoder(model, text, encoder)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -250,6 +281,269 @@ def attention_maps(text: str, *, model: str = DEFAULT_MODEL, encoder: Any = None
     if maps.truncated:
         _warn_truncated(canonical, int(enc.config.max_seq_length))
     return maps
+
+
+def _is_model_dir(model: object) -> bool:
+    from attnlab.pretrained import is_model_dir
+
+    return is_model_dir(model)
+
+
+@functools.cache
+def _load_dir(path: str) -> Any:
+    from attnlab.pretrained import load_model_dir
+
+    return load_model_dir(path)
+
+
+def _model_dir_maps(text: object, model: str) -> Any:
+    """:func:`attention_maps` of a local Hugging Face model directory (loaded once per process, through
+    :mod:`attnlab.hf`'s registered attention); the truncation warning in one line, as for MiniLM."""
+    _check_text_arg(text)
+    hf_model = _load_dir(str(Path(model).expanduser().resolve()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = hf_model.attention(text)
+    for w in caught:
+        if not (issubclass(w.category, UserWarning) and "truncat" in str(w.message)):
+            warnings.warn(w.message, w.category, stacklevel=3)
+    if maps.truncated:
+        _warn_truncated(maps.model, maps.max_tokens, special="special tokens included")
+    return maps
+
+
+def _explain_dir(text: object, model: str, layer: int | None, head: int, query: str | int | None,
+                 all_layers: bool) -> ModelWalkthrough:
+    """:func:`explain_model` of a local Hugging Face model directory: the numbers are the ones the model's
+    attention received and computed, recorded through :mod:`attnlab.hf`'s registered attention."""
+    _check_text_arg(text)
+    text = cast(str, text)  # checked above
+    hf_model = _load_dir(str(Path(model).expanduser().resolve()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        probe = hf_model.attention(text) if all_layers else None
+        n_layers = probe.num_layers if probe is not None else _count_layers(hf_model)
+        layer = n_layers if layer is None else _check_number("layer", layer, n_layers, "layers")
+        n_heads = probe.num_heads if probe is not None else _count_heads(hf_model)
+        head = _check_number("head", head, n_heads, "heads")
+        hs = hf_model.head_steps(text, layer - 1, head - 1)
+    for w in caught:
+        if not (issubclass(w.category, UserWarning) and "truncat" in str(w.message)):
+            warnings.warn(w.message, w.category, stacklevel=3)
+    if hs.truncated:
+        _warn_truncated(hf_model.name, hf_model.max_tokens, special="special tokens included")
+    tokens = tuple(hs.tokens)
+    labels = unique_labels(tokens)
+    causal = not bool(hs.allowed.all())
+    if query is None:
+        qi = len(tokens) - 1 if causal else (1 if len(tokens) >= 2 else 0)  # a decoder's last token sees all
+    else:
+        qi = _resolve_model_query(query, tokens, labels)
+    name = hf_model.name
+    settings = Settings(d_in=int(hs.x.shape[-1]), d_out=hs.head_dim, heads=hs.num_heads, dropout=0.0, seed=0,
+                        v2_seed=0, scale=True, embeddings="model", weights="pretrained", sections=(SECTION,))
+    walk = ModelWalkthrough(
+        tokens=tokens, labels=labels, query=qi, settings=settings,
+        steps=_dir_steps(hs, labels, layer, head, name, causal, probe),
+        section_titles={SECTION: f"{name} layer {layer}, head {head} ({hs.module}, 1-based)"},
+        model=name, layer=layer, head=head, num_layers=hs.num_layers, num_heads=hs.num_heads,
+        truncated=hs.truncated, max_tokens=hf_model.max_tokens, directory=str(hf_model.path), causal=causal,
+        kv_head=hs.kv_head + 1, num_kv_heads=hs.num_kv_heads, scaling=hs.scaling,
+    )
+    _add_dir_details(walk, hs)
+    return walk
+
+
+def _count_layers(hf_model: Any) -> int:
+    """The number of attention calls in one forward: the layers (read from the config, else counted)."""
+    n = getattr(hf_model.model.config, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else hf_model.attention("a").num_layers
+
+
+def _count_heads(hf_model: Any) -> int:
+    n = getattr(hf_model.model.config, "num_attention_heads", None)
+    return int(n) if isinstance(n, int) else hf_model.attention("a").num_heads
+
+
+def _dir_steps(hs: Any, labels: tuple[str, ...], layer: int, head: int, name: str, causal: bool,
+               maps: Any) -> list[Step]:
+    """The steps of one head of a local model (:class:`attnlab.pretrained.HFHeadSteps`)."""
+    sec = SECTION
+    hd, d_in = hs.head_dim, int(hs.x.shape[-1])
+    token_dim, qk = ("token", "dim"), ("query", "key")
+    out: list[Step] = []
+    out.append(Step(
+        sec, "x", f"Hidden states x entering layer {layer}'s attention", values=_np(hs.x),
+        why=f"one {d_in}-number vector per token (after the layer's input normalisation, where it has one): "
+            "what this layer's attention mixes",
+        formula=f"x_i = hidden state of token i entering layer {layer}'s {hs.module} of {name}", axes=token_dim,
+        labels=(labels, _dims(d_in)), symbol="x", query_axis=0,
+        how=How("input", params={"source": f"{name}, the input of layer {layer}'s attention"}),
+    ))
+    heads_of = {"q": (head, hs.num_heads), "k": (hs.kv_head + 1, hs.num_kv_heads),
+                "v": (hs.kv_head + 1, hs.num_kv_heads)}
+    for wname, short, bias in (("W_query", "q", hs.b_query), ("W_key", "k", hs.b_key), ("W_value", "v", hs.b_value)):
+        h, n = heads_of[short]
+        first = (h - 1) * hd
+        cols = f"columns {first + 1}–{first + hd}"
+        whose = f"head {head}" if short == "q" else f"key/value head {h} of {n} (read by head {head})"
+        out.append(Step(
+            sec, wname, f"{wname} of {whose} ({d_in} × {hd})", values=_np(getattr(hs, wname)),
+            why=f"{whose}'s slice of the layer's trained {wname}: it turns a {d_in}-number hidden state into a "
+                f"{hd}-number {_ROLE[short]}",
+            formula=f"{cols} of layer {layer}'s {wname} ({d_in} × {n * hd}, x @ W)"
+                    + (f", with bias b_{wname[2:]} ({hd} numbers)" if bias is not None else ", no bias"),
+            axes=("in", "out"), labels=(_dims(d_in), _dims(hd)), symbol=wname,
+            how=How("weights", params={"source": f"{name}, layer {layer}, {cols}"}),
+            extra={"bias": None if bias is None else _np(bias), "columns": [first, first + hd]},
+        ))
+
+    def linear(step: str, wname: str, sym: str, bias: Any, values: Any, title: str, why: str) -> Step:
+        b = f"b_{wname[2:]}"
+        return Step(
+            sec, step, title, values=_np(values), why=why,
+            formula=f"{step} = x @ {wname}" + (f" + {b}" if bias is not None else ""), axes=token_dim,
+            labels=(labels, _dims(hd)), symbol=sym, query_axis=0,
+            how=How("linear", (f"{sec}.x", f"{sec}.{wname}"),
+                    {"bias": None if bias is None else [float(v) for v in _np(bias)],
+                     "bias_name": b if bias is not None else "0"}),
+            depends=(f"{sec}.x", f"{sec}.{wname}"))
+
+    why = {"queries": "what each token looks for", "keys": "what each token offers to be found by",
+           "values": "what each token passes on when it is attended to"}
+    if hs.rotary:
+        norm = " (after the module's per-head q_norm / k_norm)" if hs.q_norm else ""
+        for step, wname, sym, bias, values, title in (
+                ("queries_projected", "W_query", "q_proj", hs.b_query, hs.projected_queries, "Projected queries"),
+                ("keys_projected", "W_key", "k_proj", hs.b_key, hs.projected_keys, "Projected keys")):
+            out.append(linear(step, wname, sym, bias, values, f"{title} of head {head}, before RoPE",
+                              "the projection, before the rotation that adds each token's position"))
+        for step, sym, values, src in (("queries", "q", hs.queries, "queries_projected"),
+                                       ("keys", "k", hs.keys, "keys_projected")):
+            out.append(Step(
+                sec, step, f"{step.title()} after RoPE ({hd} numbers per token)", values=_np(values),
+                why=why[step] + "; rotated by the token's position (RoPE), so q · k depends on how far apart "
+                                "the two tokens are",
+                formula=f"{step} = RoPE({src}{norm}), token i rotated by its position i - 1 (counted from 0): what "
+                        "the model's attention received",
+                axes=token_dim, labels=(labels, _dims(hd)), symbol=sym, query_axis=0,
+                how=How("module", (f"{sec}.{src}",), {"module": f"rotary position embedding of {name}"}),
+                depends=(f"{sec}.{src}",)))
+    else:
+        out.append(linear("queries", "W_query", "q", hs.b_query, hs.queries,
+                          f"Queries of head {head} ({hd} numbers per token)", why["queries"]))
+        out.append(linear("keys", "W_key", "k", hs.b_key, hs.keys,
+                          f"Keys of head {head} ({hd} numbers per token)", why["keys"]))
+    out.append(linear("values", "W_value", "v", hs.b_value, hs.values,
+                      f"Values of head {head} ({hd} numbers per token)", why["values"]))
+    factor = hs.scaling
+    root = math.sqrt(hd)
+    divisor_text = f"√{hd}" if abs(factor * root - 1.0) < 1e-6 else fmt(1.0 / factor, 4)
+    out.append(Step(
+        sec, "scores", "Attention scores (queries · keys, scaled)", values=_np(hs.scores),
+        why="each query is compared with every key by a dot product; the scale keeps the scores in a range "
+            "where softmax still has useful gradients",
+        formula=f"score(i, j) = q_i · k_j × {factor:.6g}   (the module's scaling"
+                + (f", 1/√{hd}" if divisor_text == f"√{hd}" else "") + ")",
+        axes=qk, labels=(labels, labels), symbol="score", query_axis=0,
+        how=How("scaled_dot", (f"{sec}.queries", f"{sec}.keys"), {"divisor": 1.0 / factor,
+                                                                   "divisor_text": divisor_text}),
+        depends=(f"{sec}.queries", f"{sec}.keys"),
+    ))
+    logits = f"{sec}.scores"
+    if causal:
+        allowed = hs.allowed.float().numpy()
+        out.append(Step(
+            sec, "mask", "The model's mask (1 = may attend)", values=allowed,
+            why="a decoder's query may not see the tokens after it (and a sliding window hides the far past)",
+            formula="mask(i, j) = 1 where the model's attention mask lets query i see key j", axes=qk,
+            labels=(labels, labels), symbol="mask", query_axis=0, how=How("mask")))
+        out.append(Step(
+            sec, "scores_masked", "Masked scores: hidden keys set to -inf", values=_np(
+                hs.scores.masked_fill(~hs.allowed, float("-inf"))),
+            why="exp(-inf) = 0, so softmax gives the hidden keys weight 0 and normalises over the rest",
+            formula="masked = scores.masked_fill(mask == 0, -inf)", axes=qk, labels=(labels, labels),
+            symbol="masked", query_axis=0, how=How("mask_before", (logits, f"{sec}.mask")),
+            depends=(logits, f"{sec}.mask")))
+        logits = f"{sec}.scores_masked"
+    weights = _np(hs.weights)
+    own = _np(hs.model_weights[head - 1])
+    diff = float(np.abs(weights - own).max()) if weights.size else 0.0
+    out.append(Step(
+        sec, "weights", "Attention weights (softmax of each row)" + (", causal" if causal else ""), values=weights,
+        why="each row is one query's weights over the keys it may see: positive, summing to 1"
+            + (" (the future keys get 0)" if causal else " (no mask: an encoder reads the whole sentence)"),
+        formula=f"weights = softmax({logits.split('.')[1]}, dim=-1)", axes=qk, labels=(labels, labels),
+        symbol="weight", query_axis=0, how=How("softmax", (logits,)), depends=(logits,),
+        extra={"row_sums": weights.sum(axis=-1), "max_abs_diff_to_model": diff},
+    ))
+    out.append(Step(
+        sec, "context", f"Context vectors of head {head}", values=_np(hs.context),
+        why="each token's weighted sum of the values: what this head gathers for it",
+        formula="context = weights @ values   (z_i = Σ_j weight(i, j) × v_j)", axes=token_dim,
+        labels=(labels, _dims(hd)), symbol="z", query_axis=0,
+        how=How("weighted_sum", (f"{sec}.weights", f"{sec}.values")),
+        depends=(f"{sec}.weights", f"{sec}.values"),
+    ))
+    n_heads = hs.num_heads
+    out.append(Step(
+        sec, "head_weights", f"Attention weights of each of the {n_heads} heads of layer {layer}",
+        values=_np(hs.model_weights),
+        why="every head has its own W_query (and key/value heads), so each attends in its own way; "
+            f"head {head} is the one above. These are the model's own, recorded inside its forward pass",
+        formula="weights_h = softmax(q_h @ k_hᵀ × scaling, masked) for every head h", axes=("head", "query", "key"),
+        labels=(_dims(n_heads), labels, labels), symbol="weight", query_axis=1,
+        how=How("module", params={"module": f"layer {layer}'s {hs.module} of {name} ({n_heads} heads), through "
+                                            "attnlab's registered attention"}), depends=(f"{sec}.x",),
+    ))
+    if maps is not None:
+        out.append(_layer_weights_step(maps, name, labels, "q_lh @ k_lhᵀ × scaling, masked"))
+    return out
+
+
+def _add_dir_details(walk: ModelWalkthrough, hs: Any) -> None:
+    """Detail lines of a local model's walkthrough, written from the recorded numbers."""
+    qi, q, p, sec = walk.query, walk.query_label, 4, SECTION
+
+    def det(name: str, lines: list[str]) -> None:
+        walk.step(f"{sec}.{name}").detail = tuple(lines)
+
+    x = walk.step(f"{sec}.x")
+    det("x", [f"x_{q} = {_short(x.values[qi], p)}",
+              f"{x.values.shape[1]} numbers per token: tables show the first ones, json has them all"])
+    for wname in ("W_query", "W_key", "W_value"):
+        bias = walk.step(f"{sec}.{wname}").extra["bias"]
+        det(wname, [f"b_{wname[2:]} = {_short(bias, p)}" if bias is not None else "this layer has no bias"])
+    linear = ["values", *(("queries_projected", "keys_projected") if hs.rotary else ("queries", "keys"))]
+    for name_ in linear:
+        det(name_, _projection_line(walk, walk.step(f"{sec}.{name_}"), qi, p))
+    if hs.rotary:
+        for name_ in ("queries", "keys"):
+            step = walk.step(f"{sec}.{name_}")
+            det(name_, [(f"{cells.row_name(walk, step, (qi,))} = {_short(step.values[qi], p)} "
+                         f"(rotated by position {qi}, counted from 0)")])
+    det("scores", walk.explain_cell(f"{sec}.scores", (qi, qi), p))
+    w = walk.step(f"{sec}.weights")
+    row = w.values[qi]
+    top = np.argsort(-row, kind="stable")[:3]
+    det("weights", [f"row {q}: sum {fmt(float(row.sum()), p, integral=False)}; largest: "
+                    + ", ".join(f"{walk.labels[j]} {fmt(float(row[j]), p)}" for j in top),
+                    (f"the model's own weights of head {walk.head} (recorded through attnlab's attention) "
+                     f"differ by at most {w.extra['max_abs_diff_to_model']:.1e}")])
+    det("context", [walk.explain_cell(f"{sec}.context", (qi, 0), p)[0]])
+    hw = walk.step(f"{sec}.head_weights")
+    n = hw.values.shape[0]
+    most = [(h, int(np.argmax(hw.values[h, qi]))) for h in range(n)]
+    det("head_weights", [f"{q} attends most to: " + ", ".join(
+        f"head {h + 1} {walk.labels[j]} ({fmt(float(hw.values[h, qi, j]), 2)})" for h, j in most),
+        f"tables show the first heads; --format json (and the report) have all {n}"])
+
+
+def _check_text_arg(text: object) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
 
 
 def _checked_encoder(model: str, text: object, encoder: Any) -> tuple[str, Any]:
@@ -263,11 +557,11 @@ def _checked_encoder(model: str, text: object, encoder: Any) -> tuple[str, Any]:
     return canonical, (_load(canonical) if encoder is None else encoder)
 
 
-def _warn_truncated(canonical: str, limit: int) -> None:
+def _warn_truncated(canonical: str, limit: int, special: str = "[CLS] and [SEP] included") -> None:
     """The one-line warning for a text cut at the model's token limit, pointing at the public caller."""
     warnings.warn(
         f"the text is longer than {canonical}'s limit of {limit} tokens; only its first {limit} "
-        f"tokens ([CLS] and [SEP] included) are used",
+        f"tokens ({special}) are used",
         UserWarning, stacklevel=3,
     )
 
@@ -358,17 +652,22 @@ def _steps(ls: Any, head_weights: np.ndarray, labels: tuple[str, ...], layer: in
         how=How("module", params={"module": module}), depends=(f"{sec}.x",),
     ))
     if maps is not None:
-        n_layers = maps.weights.shape[0]
-        out.append(Step(
-            sec, "layer_weights", f"Attention weights of every layer and head ({n_layers} × {n_heads})",
-            values=_np(maps.weights),
-            why="the whole model at a glance: each layer's heads attend to the output of the layer before",
-            formula="weights[l, h] = softmax(q_lh @ k_lhᵀ / √d_k), every layer l and head h",
-            axes=("layer", "head", "query", "key"), labels=(_dims(n_layers), _dims(n_heads), labels, labels),
-            symbol="weight", query_axis=2,
-            how=How("module", params={"module": f"{name} ({n_layers} layers of {n_heads} heads)"}),
-        ))
+        out.append(_layer_weights_step(maps, name, labels, "q_lh @ k_lhᵀ / √d_k"))
     return out
+
+
+def _layer_weights_step(maps: Any, name: str, labels: Any, inside: str) -> Step:
+    """Every layer's and head's attention weights as one step (``inside``: what the softmax is taken of)."""
+    n_layers, n_heads = maps.weights.shape[:2]
+    return Step(
+        SECTION, "layer_weights", f"Attention weights of every layer and head ({n_layers} × {n_heads})",
+        values=_np(maps.weights),
+        why="the whole model at a glance: each layer's heads attend to the output of the layer before",
+        formula=f"weights[l, h] = softmax({inside}), every layer l and head h",
+        axes=("layer", "head", "query", "key"), labels=(_dims(n_layers), _dims(n_heads), labels, labels),
+        symbol="weight", query_axis=2,
+        how=How("module", params={"module": f"{name} ({n_layers} layers of {n_heads} heads)"}),
+    )
 
 
 def _add_details(walk: ModelWalkthrough) -> None:

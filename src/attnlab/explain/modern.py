@@ -82,18 +82,29 @@ class ModernOptions:
         return out
 
 
-def _int(name: str, value: object, low: int = 1) -> int:
+# Positions are float32 in the rotary angles (attnlab.rope.rope_angles): every integer up to 2**24 is exact
+# there, larger ones are rounded (16777217 becomes 16777216), so the shifted scores would differ for a
+# reason that is not RoPE's. --rope-shift is kept below that.
+MAX_EXACT_POSITION = 2**24
+# A window longer than the sequence is the causal mask; beyond this it is only a number to overflow.
+MAX_WINDOW = 2048
+
+
+def _int(name: str, value: object, low: int = 1, high: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be from {low} to {high}{why}, got {value!r}")
     return int(value)
 
 
 def modern_options(
     section: str, *, heads: int | None, d_out: int | None, kv_groups: int | None, window_size: int | None,
-    rope_base: float, rope_shift: int | None, max_heads: int, max_d_out: int,
+    rope_base: float, rope_shift: int | None, max_heads: int, max_d_out: int, num_tokens: int = 1,
 ) -> ModernOptions:
     """The configuration of one modern section from the user's options (None = the section's default,
-    :data:`MODERN_DEFAULTS`); ValueError naming the option for a bad or contradictory value."""
+    :data:`MODERN_DEFAULTS`); ValueError naming the option and its allowed range for a bad or contradictory
+    value. ``num_tokens``: the sequence length (the rope shift must keep every position exact in float32)."""
     dflt = MODERN_DEFAULTS[section]
     h = _int("heads", heads) if heads is not None else dflt["heads"]
     if h > max_heads:
@@ -114,15 +125,20 @@ def modern_options(
             raise ValueError(f"kv_groups must divide heads: got kv_groups={g} and heads={h} (try {divisors})")
         opts = ModernOptions(heads=h, d_out=d, kv_groups=g)
     elif section == "window":
-        w = _int("window_size", window_size) if window_size is not None else dflt["window_size"]
+        w = _int("window_size", window_size, high=MAX_WINDOW,
+                 why=" (a window at least as long as the sequence is the causal mask)") \
+            if window_size is not None else dflt["window_size"]
         opts = ModernOptions(heads=h, d_out=d, window_size=w)
     elif section == "rope":
         if (d // h) % 2:
             raise ValueError(f"rope needs an even head size (d_out / heads): got d_out={d} and heads={h}, "
                              f"head size {d // h}; give an even --d-out")
-        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not rope_base > 1.0:
-            raise ValueError(f"rope_base must be a number > 1, got {rope_base!r}")
-        s = _int("rope_shift", rope_shift, low=1) if rope_shift is not None else dflt["shift"]
+        if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not 1.0 < rope_base < math.inf:
+            raise ValueError(f"rope_base must be a number > 1 (and finite), got {rope_base!r}")
+        top = MAX_EXACT_POSITION - (num_tokens - 1)  # the last token's position p + shift stays exact
+        s = _int("rope_shift", rope_shift, low=1, high=top,
+                 why=f" (the positions p + shift of the {num_tokens} tokens are float32 in the rotation angles, "
+                     f"exact only up to 2^24 = {MAX_EXACT_POSITION})") if rope_shift is not None else dflt["shift"]
         opts = ModernOptions(heads=h, d_out=d, rope_base=float(rope_base), rope_shift=s)
     return opts
 
@@ -438,13 +454,17 @@ def _rope(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
             depends=("rope.queries_rotated", "rope.keys_rotated"),
             extra={"max_abs_diff_diagonal_to_unrotated": _diff(scores.diagonal(dim1=-2, dim2=-1), unrotated)})
     cos_s, sin_s = rope_angles(positions + s, hd, o.rope_base)  # (T, hd): every position moved by s
+    cos64, sin64 = rope_angles(positions + s, hd, o.rope_base, dtype=torch.float64)  # (T, hd): the same in float64
+    rot_err = max(_diff(cos_s.double(), cos64), _diff(sin_s.double(), sin64))  # float32 angles' rounding
     shifted = F.all_pair_scores(apply_rope(q, cos_s, sin_s), apply_rope(k, cos_s, sin_s)) / math.sqrt(hd)  # (H, T, T)
     rec.add(sec, "scores_shifted", shifted, title=f"The same scores with every position moved by {s}",
             why="rotating q and k by positions p + s instead of p leaves every score as it was: only the distance "
                 "between the tokens counts, so a cache can keep rotated keys",
             formula=f"score(i, j) = rot(q_i, i + {s}) · rot(k_j, j + {s}) / √hd", axes=_QK, labels=hq,
             symbol="score", query_axis=1, how=How("module", params={"module": f"rope_angles(positions + {s})"}),
-            depends=("rope.queries", "rope.keys"), extra={"max_abs_diff_to_scores": _diff(shifted, scores)})
+            depends=("rope.queries", "rope.keys"),
+            extra={"max_abs_diff_to_scores": _diff(shifted, scores), "max_rotation_error_float32": rot_err,
+                   "largest_position": int(s + t - 1)})
     # One query vector and one key vector placed at every pair of positions: constant along diagonals.
     qi = min(1, t - 1)
     qv, kv = q[0, qi], k[0, qi]  # (hd,) each: the chapter's query token, head 1
@@ -480,8 +500,11 @@ def _rope(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
 _MAX_LISTED = 12
 
 
+_SAME = 1e-5  # largest difference still called "equals" in the detail lines
+
+
 def _agree(diff: float, what: str) -> str:
-    return f"{'equals' if diff < 1e-5 else 'DIFFERS FROM'} {what} (largest difference {diff:.1e})"
+    return f"{'equals' if diff < _SAME else 'DIFFERS FROM'} {what} (largest difference {diff:.1e})"
 
 
 def add_modern_details(walk: Any) -> None:
@@ -536,8 +559,14 @@ def add_modern_details(walk: Any) -> None:
                                      "causal MultiHeadAttention with the band as attn_mask")])
     if "rope.cos" in walk:
         c = walk.step("rope.cos")
-        det(c.id, ["θ = " + ", ".join(f"θ_{i + 1} = {t:.6g}" for i, t in enumerate(c.extra["theta"])) +
-                   " (one per feature pair; the first turns fastest)"])
+        thetas = c.extra["theta"]
+        lines = ["θ = " + ", ".join(f"θ_{i + 1} = {t:.6g}" for i, t in enumerate(thetas)) +
+                 " (one per feature pair; the first turns fastest)"]
+        if len(thetas) == 1:
+            lines.append(f"head size 2: one feature pair, whose θ_1 = base^0 = 1 for every base, so --rope-base "
+                         f"({walk.settings.modern['rope'].get('rope_base', 10000.0):g}) changes none of these "
+                         "numbers; --d-out 4 (head size 4 or more) adds slower pairs where it does")
+        det(c.id, lines)
         det("rope.queries_rotated", walk.explain_cell("rope.queries_rotated", (0, qi, 0)))
         sc = walk.step("rope.scores")
         det(sc.id, walk.explain_cell(sc.id, (0, qi, 0)) + [
@@ -545,7 +574,13 @@ def add_modern_details(walk: Any) -> None:
             + _agree(sc.extra["max_abs_diff_diagonal_to_unrotated"], "q_i · k_i / √hd without rotation")
             + ": turning both vectors by the same angle keeps their dot product"])
         sh = walk.step("rope.scores_shifted")
-        det(sh.id, [_agree(sh.extra["max_abs_diff_to_scores"], "rope.scores")])
+        lines = [_agree(sh.extra["max_abs_diff_to_scores"], "rope.scores")]
+        err = sh.extra.get("max_rotation_error_float32", 0.0)
+        if sh.extra["max_abs_diff_to_scores"] >= _SAME and err > 1e-6:
+            lines.append(f"float32, not RoPE: at positions up to {sh.extra['largest_position']} the angles p × θ keep "
+                         f"only about 7 significant digits, so their cos and sin are off by up to {err:.1e} from "
+                         "float64; a smaller --rope-shift shows the scores unchanged")
+        det(sh.id, lines)
         r = walk.step("rope.relative")
         spread = r.extra["max_spread_along_diagonals"]
         det(r.id, [f"every diagonal is constant (largest spread {spread:.1e}): score(m, n) depends only on m − n"])

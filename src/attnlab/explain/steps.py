@@ -125,10 +125,25 @@ def fmt(value: float, precision: int = 4, *, integral: bool | None = None, trim:
         integral = _is_integral([value])
     if integral:
         return str(round(value))
-    text = f"{value:.{precision}f}"
+    short = _float32_text(value)  # recorded numbers are float32: 0.3, not 0.30000001
+    if short is not None and len(short.partition(".")[2]) <= precision:
+        text = short if trim else f"{float(short):.{precision}f}"  # its digits, padded with zeros
+    else:
+        text = f"{value:.{precision}f}"
     if trim and "." in text:
         text = text.rstrip("0").rstrip(".")
     return text[1:] if text.startswith("-") and text.strip("-0.") == "" else text  # no "-0.0000"
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _float32_text(value: float) -> str | None:
+    """The shortest decimal that reads back as the same float32 (``0.4935`` for 0.49350002: the digits
+    beyond float32's ~7 significant ones are rounding noise), or None beyond float32's range."""
+    if not abs(value) <= _F32_MAX:
+        return None
+    return str(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def fmt_vector(values: Iterable[float], precision: int = 4, *, integral: bool | None = None,
@@ -393,7 +408,7 @@ class Walkthrough:
             return f"{step_id} is not recorded with these options: it appears {OPTIONAL_STEPS[step_id]}"
         if section in ALL_SECTIONS and section not in self.sections and "model" not in self.sections:
             return (f"{step_id}: section {section!r} is not selected by --section "
-                    f"(selected: {', '.join(s for s in self.sections if s != 'input')})")
+                    f"(selected: {', '.join(s for s in self.sections if s != 'input')}); add --section {section}")
         return None
 
     def __contains__(self, step_id: object) -> bool:

@@ -28,7 +28,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from attnlab.maps import CMAP, chain_operand, check_output_path, head_axis, is_map, is_query_row, masked_cells
+from attnlab.maps import (
+    CMAP,
+    MASK_REASONS,
+    chain_operand,
+    check_output_path,
+    head_axis,
+    is_map,
+    is_query_row,
+    masked_cells,
+    masked_reasons,
+    write_atomically,
+)
 from attnlab.report.codec import encode, encode_bits
 
 if TYPE_CHECKING:
@@ -94,6 +105,10 @@ def _step_data(walk: Walkthrough, step: Step, hover: bool) -> dict[str, Any]:
         masked = np.zeros(values.shape, bool) if masked is None else masked.reshape(values.shape)
         shown = values[np.isfinite(values) & ~masked]
         data["masked"] = encode_bits(masked) if masked.any() else None
+        if masked.any():  # why each masked cell is hidden: [reason, its cells' bits or None for all of them]
+            reasons = masked_reasons(walk, step)
+            data["mask_reasons"] = [[r, None if len(reasons) == 1 else encode_bits(c.reshape(values.shape))]
+                                    for r, c in reasons]
         if masked.any():  # the hidden cells hold one value (0, -inf): sent once, not per cell
             data["values"] = encode(values, skip=masked)
         data["vmin"] = float(min(0.0, shown.min())) if shown.size else 0.0
@@ -179,6 +194,7 @@ def report_data(walk: Walkthrough, *, hover: bool | None = None, head: int | Non
         "settings_text": settings_text,
         "notices": _notices(walk),
         "colors": _colors(),
+        "mask_words": MASK_REASONS,
         "sections": sections,
         "steps": _share({st.id: _step_data(walk, st, hover) for st in walk.steps}, list(walk.labels)),
         "hover": bool(hover),
@@ -227,7 +243,7 @@ def _numbers_1based(name: str, value: int | Sequence[int] | None, size: int) -> 
 def model_report_data(
     maps: AttentionMaps,
     *,
-    model: str = "all-MiniLM-L6-v2",
+    model: str | None = None,
     layer: int | Sequence[int] | None = None,
     head: int | Sequence[int] | None = None,
     query: str | int | None = None,
@@ -246,6 +262,8 @@ def model_report_data(
     if weights.ndim != 4 or weights.shape[-1] != weights.shape[-2]:
         raise ValueError(f"maps.weights must be (layers, heads, T, T), got shape {weights.shape}")
     n_layers, n_heads, t, _ = weights.shape
+    model = model or getattr(maps, "model", None) or "all-MiniLM-L6-v2"
+    hidden = getattr(maps, "masked", None)  # (L, T, T) bool: cells the model's mask hid (a decoder's future)
     layers = _numbers_1based("layer", layer, n_layers)
     heads = _numbers_1based("head", head, n_heads)
     chosen = weights[np.ix_([i - 1 for i in layers], [h - 1 for h in heads])]  # (L', H', T, T)
@@ -255,7 +273,8 @@ def model_report_data(
     qi = _resolve_model_query(query, tuple(maps.tokens), tuple(labels)) if query is not None else min(1, t - 1)
     step_id = "model.weights"
     formula = (f"weights = softmax(q_h @ k_hᵀ / √d_head) of one head of one layer of {model} "
-               "(MultiHeadAttention, not causal: every token sees every token)")
+               + ("(causal: a token sees itself and the tokens before it; grey cells are hidden by the mask)"
+                  if hidden is not None else "(MultiHeadAttention, not causal: every token sees every token)"))
     shape = list(chosen.shape)
     only = []
     if len(layers) < n_layers:
@@ -281,7 +300,8 @@ def model_report_data(
         "map": True,
         "head_axis": 1,
         "one_row": False,
-        "masked": None,
+        "masked": None if hidden is None else encode_bits(np.broadcast_to(
+            np.asarray(hidden, dtype=bool)[[i - 1 for i in layers]][:, None], chosen.shape)),  # (L', H', T, T)
         "vmin": 0.0,
         "vmax": float(chosen.max()) if chosen.size else 1.0,
         "chain": None,
@@ -289,14 +309,16 @@ def model_report_data(
     notices = []
     if maps.truncated:
         notices.append(f"The text was cut: it is longer than {model}'s limit of {t} tokens, so only its first "
-                       f"{t} tokens ([CLS] and [SEP] included) are shown.")
+                       f"{t} tokens (special tokens included) are shown.")
     return {
         "format": "attnlab.report",
         "version": 2,
         "title": f"Attention inside {model}",
         "subtitle": f"“{_short_text(maps.text)}”: the attention weights of {'every' if not only else 'the chosen'} layer and "
-                    f"head of the pretrained {model} (attnlab.pretrained, the chapter's MultiHeadAttention "
-                    "with the model's weights).",
+                    f"head of the pretrained {model} " + (
+                        "(attnlab.pretrained, the chapter's MultiHeadAttention with the model's weights)."
+                        if model == "all-MiniLM-L6-v2" else "(a local Hugging Face model, its attention "
+                        "computed by attnlab's registered attention function, attnlab.hf)."),
         "tokens": list(maps.tokens),
         "labels": labels,
         "query": qi,
@@ -414,5 +436,5 @@ def write_report(walkthrough: Walkthrough | AttentionMaps, path: str | Path, *, 
     The page is built before the file is opened: a mistake in the options leaves no file behind."""
     path = check_output_path(path, force=force, formats=HTML_FORMATS)
     page = render_page(walkthrough, layer=layer, head=head, query=query)
-    path.write_text(page, encoding="utf-8")
+    write_atomically(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return path

@@ -113,6 +113,21 @@ function attnlabReport(root, data) {
     var bits = maskBits[step.id] || (maskBits[step.id] = bytesOf(step.masked));
     return (bits[k >> 3] >> (7 - (k & 7))) & 1;
   }
+  // Why a masked cell is hidden: a key of data.mask_words ("future", "window", "cache"); a step's
+  // mask_reasons is [[reason, bits of its cells, or null for every masked cell], ...].
+  var MASK_WORDS = data.mask_words || { future: "a future token the causal mask hides" };
+  function maskReason(step, k) {
+    var rs = step.mask_reasons;
+    if (!rs || !rs.length) return "future";
+    for (var i = 0; i < rs.length; i++) {
+      if (!rs[i][1]) return rs[i][0];
+      var key = step.id + "#" + i;
+      var bits = maskBits[key] || (maskBits[key] = bytesOf(rs[i][1]));
+      if ((bits[k >> 3] >> (7 - (k & 7))) & 1) return rs[i][0];
+    }
+    return rs[0][0];
+  }
+  function maskWords(reason) { return MASK_WORDS[reason] || MASK_WORDS.future; }
   function trimmed(v) {  // numbers inside a written-out formula: trailing zeros dropped
     if (v !== v) return "nan";
     if (!isFinite(v)) return v < 0 ? "-inf" : "inf";
@@ -347,7 +362,7 @@ function attnlabReport(root, data) {
     tip.textContent = "";
     tip.appendChild(el("div", { cls: "ar-tip-title", text: cellLabel(step, lead, r, c) }));
     if (masked(step, k)) {
-      tip.appendChild(el("div", { cls: "ar-tip-note", text: "masked: a future token, hidden by the causal mask" }));
+      tip.appendChild(el("div", { cls: "ar-tip-note", text: "masked: " + maskWords(maskReason(step, k)) }));
     }
     hoverLines(step, lead.concat([r, c])).forEach(function (line) {
       tip.appendChild(el("div", { cls: "ar-tip-line", text: line }));
@@ -476,7 +491,7 @@ function attnlabReport(root, data) {
           td.tabIndex = first ? 0 : -1;
           first = false;
           if (masked(step, k) || !isFinite(v)) {
-            td.className = "ar-masked";
+            td.className = masked(step, k) ? "ar-masked ar-masked-" + maskReason(step, k) : "ar-masked";
           } else {
             var bg = colorOf(step, v);
             td.style.background = bg;
@@ -962,7 +977,18 @@ function attnlabReport(root, data) {
   header.appendChild(toc);
   app.appendChild(header);
   app.appendChild(el("div", { cls: "ar-bar" }, [el("span", { cls: "ar-bar-label", text: "Follow a token:" }), tokens, more]));
-  var anyMasked = Object.keys(data.steps).some(function (k) { return data.steps[k].masked; });
+  var reasonsShown = [];  // every reason a masked cell has in this report, in MASK_WORDS' order
+  Object.keys(data.steps).forEach(function (k) {
+    var s = data.steps[k];
+    if (!s.masked) return;
+    (s.mask_reasons || [["future", null]]).forEach(function (r) {
+      if (reasonsShown.indexOf(r[0]) < 0) reasonsShown.push(r[0]);
+    });
+  });
+  reasonsShown.sort(function (a, b) {
+    var order = Object.keys(MASK_WORDS);
+    return order.indexOf(a) - order.indexOf(b);
+  });
   var anyCanvas = Object.keys(data.steps).some(function (k) {
     var s = data.steps[k], d = dims(s);
     return s.map && (d[0] > TABLE_MAX || d[1] > TABLE_MAX);
@@ -970,14 +996,16 @@ function attnlabReport(root, data) {
   var legend = el("div", { cls: "ar-legend", role: "note", "aria-label": "legend" }, [
     el("span", { cls: "ar-legend-item" }, [el("span", { cls: "ar-swatch ar-swatch-grad", style: "background:" + gradient() }),
       "low → high value (each map runs from its smallest to its largest number; its bar gives the range)"]),
-    anyMasked ? el("span", { cls: "ar-legend-item" }, [el("span", { cls: "ar-swatch ar-masked" }),
-      "masked: a future token the causal mask hides (a score set to −inf, a weight of 0)"]) : null,
+  ].concat(reasonsShown.map(function (r) {
+    return el("span", { cls: "ar-legend-item ar-legend-masked" }, [el("span", { cls: "ar-swatch ar-masked ar-masked-" + r }),
+      "masked: " + maskWords(r) + " (a score set to −inf, a weight of 0)"]);
+  })).concat([
     el("span", { cls: "ar-legend-item" }, [el("span", { cls: "ar-swatch ar-swatch-sel" }),
       "the row of the token you follow"]),
     el("span", { cls: "ar-legend-item ar-legend-hint", text: anyCanvas
       ? "Large maps are pictures: hover a cell (or focus it and use the arrow keys) to read its number and how it is made; − / + zoom, drag to pan; click a token to follow it."
       : "Hover, tap or focus a cell (arrow keys move) to see how its number is made; click a token to follow its computation." })
-  ]);
+  ]));
   app.appendChild(legend);
 
   var cards = [];
