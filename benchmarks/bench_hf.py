@@ -4,7 +4,8 @@ A Mistral-style decoder built from its config (random weights, no download): 4 l
 heads and 2 key/value heads of size 32, MLP 704, vocabulary 1000, float32, batch 1, torch's default threads.
 For each sequence length (512, 2048) and window (none, 256 tokens) the four implementations "attnlab"
 (auto backend), "attnlab_tiles" (attnlab's tiled kernel), "sdpa" and "eager" are timed *alternately*
-(a, b, c, d, a, b, ...) after one warm-up each, so machine noise hits all alike; medians are reported.
+(a, b, c, d, then b, c, d, a, ...: the order rotates each repeat, so that no name always runs right after
+eager's large allocations) after one warm-up each, so machine noise hits all alike; medians are reported.
 
 - prefill: one forward over the T-token prompt with a fresh DynamicCache (what generate does first);
   tokens/s = T / median time.
@@ -129,8 +130,8 @@ def run(tokens: list[int], windows: list[int | None], repeats: int, new: int) ->
             times: dict[str, list[tuple[float, float, float, float]]] = {impl: [] for impl in IMPLS}
             for impl in IMPLS:  # warm-up
                 measure(model, impl, ids, 2)
-            for _ in range(repeats):
-                for impl in IMPLS:
+            for r in range(repeats):
+                for impl in IMPLS[r % len(IMPLS):] + IMPLS[:r % len(IMPLS)]:  # rotated: no name always follows eager
                     times[impl].append(measure(model, impl, ids, new))
             for impl in IMPLS:
                 runs = times[impl]

@@ -217,3 +217,28 @@ def test_autocast_cache_takes_the_autocast_dtype_and_errors_advise_it():
         wrong = m.new_cache(1, 8, dtype=torch.float32)
         with pytest.raises(TypeError, match=r"new_cache\(\.\.\., dtype=torch.bfloat16\)"):
             m(torch.randn(1, 3, D), cache=wrong)
+
+
+def test_eager_steps_after_an_exported_step_see_what_the_program_wrote():
+    """An exported decoding step writes the cache's buffers without the host counting it; the next eager
+    step must notice (the buffers' write counter moved) and take the masked path, not append at a stale slot."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 8, context_length=64, num_heads=2, dropout=0.0).eval()
+    x = torch.randn(1, 8, 8)
+
+    class Step(nn.Module):
+        def __init__(self, cache: KVCache) -> None:
+            super().__init__()
+            self.mha, self.caches = mha, LayerCaches([cache])
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.mha(t, cache=self.caches[0])
+
+    with torch.no_grad():
+        full = mha(x)  # (1, 8, 8): every position at once, the reference
+        cache = mha.new_cache(batch_size=1, max_tokens=16)
+        mha(x[:, :5], cache=cache)
+        program = torch.export.export(Step(cache), (x[:, 5:6],)).module()
+        outs = [program(x[:, 5:6]), mha(x[:, 6:7], cache=cache), mha(x[:, 7:8], cache=cache)]
+    assert cache.lengths.tolist() == [8]
+    assert_close(torch.cat(outs, dim=1), full[:, 5:], n=N)

@@ -122,3 +122,15 @@ def test_hf_short_path_equals_the_eager_reference():
         assert_close(out, slow, n=t_k)
         with pytest.raises(ValueError, match="attention sinks"):
             hf.attention_forward(Attn(), q, k, v, mask, backend="auto", sinks=torch.zeros(8))
+
+
+@pytest.mark.parametrize("t_q,t_k", [(0, 0), (0, 3), (3, 0), (1, 1), (1, 97), (3, 3), (97, 97), (97, 257), (257, 97)])
+@pytest.mark.parametrize("window", [None, 1, 3, 97, 300])
+def test_structure_mask_equals_the_mask_builders(t_q, t_k, window):
+    from attnlab.masks import causal_mask, window_mask
+
+    got = backends._structure_mask(t_q, t_k, True, window, torch.device("cpu"))  # (T_q, T_k)
+    want = causal_mask(t_q, t_k) if window is None else window_mask(t_q, t_k, window=window)  # (T_q, T_k)
+    assert got is not None and got.dtype == torch.bool
+    assert torch.equal(got, want)  # exact: booleans
+    assert backends._structure_mask(t_q, t_k, False, None, torch.device("cpu")) is None

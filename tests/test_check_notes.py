@@ -196,3 +196,35 @@ def test_html_and_exit_codes(tmp_path, capsys):
     assert main(["check", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a notebook" in err
+
+
+def test_a_notes_code_is_isolated_killed_at_the_time_limit_and_never_reads_stdin(tmp_path, monkeypatch):
+    """The note's code runs in its own session: at the time limit everything it started is killed (no
+    leftover process writes a file afterwards), the block is reported as not finished, and ``input()``
+    sees no stdin instead of the caller's."""
+    import time
+
+    from attnlab.notes import judge
+    from attnlab.notes.parse import Block, Line
+    from attnlab.notes.run import run_blocks
+
+    flag = tmp_path / "grandchild-was-here"
+    grandchild = f"import time, pathlib; time.sleep(5); pathlib.Path({str(flag)!r}).touch()"
+    late = Block("code", [Line(1, "import subprocess, sys"),
+                          Line(2, f"subprocess.Popen([sys.executable, '-c', {grandchild!r}])"),
+                          Line(3, "print(1.5)"), Line(4, "import time; time.sleep(30)")])
+    start = time.monotonic()
+    (run,) = run_blocks([late], timeout=5.0)  # the driver imports torch first (1-3 s)
+    assert time.monotonic() - start < 15
+    assert run.ran and run.timed_out
+    time.sleep(5.5)
+    assert not flag.exists()  # the grandchild died with the note's process group
+
+    (asks,) = run_blocks([Block("code", [Line(1, "try:\n    input()\nexcept EOFError:\n    print('no stdin')")])])
+    assert asks.stdout == "no stdin" and not asks.timed_out
+
+    monkeypatch.setattr(judge, "RUN_TIMEOUT", 5.0)
+    note = tmp_path / "slow.md"
+    note.write_text("```python\nprint(2.5)\nimport time; time.sleep(30)\n```\n```\n2.5\n```\n", encoding="utf-8")
+    rep = check_notes(note)
+    assert any("not finished: the code was stopped at the time limit (5 s)" in text for _, text in rep.notes)

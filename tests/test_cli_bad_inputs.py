@@ -188,16 +188,16 @@ REPORT = [
 ]
 
 BENCH = [
-    (["--json", "{ro}/b.json", "--quick"], "cannot write in /proc"),
+    (["--json", "{ro}/b.json", "--quick"], "folder '/proc' takes no new file"),
     (["--json", "{nofolder}/b.json", "--quick"], "does not exist"),
-    (["--json", "{pre}/old.json", "--quick"], "already exists; pass --force to overwrite it"),
+    (["--json", "{pre}/old.json", "--quick"], "exists; pass --force to overwrite it"),
     (["--json", "{pre}", "--quick"], "is a directory"),
-    (["--json", "{pre}/emb.json/b.json", "--quick"], "is not a directory"),
+    (["--json", "{pre}/emb.json/b.json", "--quick"], "is not a folder"),
     (["--plot", "{out}/b.svg", "--quick"], "give a .png file name"),
-    (["--plot", "{ro}/b.png", "--quick"], "cannot write in /proc"),
-    (["--plot", "{pre}/old.png", "--quick"], "already exists"),
-    (["--decode", "--json", "{ro}/d.json"], "cannot write in /proc"),
-    (["--context-parallel", "2", "--json", "{ro}/c.json"], "cannot write in /proc"),
+    (["--plot", "{ro}/b.png", "--quick"], "folder '/proc' takes no new file"),
+    (["--plot", "{pre}/old.png", "--quick"], "exists; pass --force"),
+    (["--decode", "--json", "{ro}/d.json"], "folder '/proc' takes no new file"),
+    (["--context-parallel", "2", "--json", "{ro}/c.json"], "folder '/proc' takes no new file"),
     (["--context-parallel", "2", "--plot", "{out}/c.png"], "--plot applies to the variants and --decode"),
     (["--decode", "--context-parallel", "2"], "--decode and --context-parallel are separate benchmarks"),
     (["--batch", HUGE], "expected a positive integer up to 2147483647"),
@@ -425,7 +425,7 @@ def test_heatmap_draws_every_opt_in_step(tmp_path, capsys):
 def test_bench_refuses_an_unwritable_json_before_running(tmp_path, capsys, no_benchmark):
     """The issue's case: the whole benchmark ran, then writing the JSON failed. Now it never starts."""
     assert main(["bench", "--quick", "--variants", "ch03", "--json", f"{RO}/bench.json"]) == 2
-    assert "cannot write in /proc" in capsys.readouterr().err
+    assert "folder '/proc' takes no new file" in capsys.readouterr().err
 
 
 def test_working_shows_float32_numbers_cleanly(capsys):

@@ -23,6 +23,7 @@ from attnlab.distributed import (
     make_mesh,
     ring_attention,
     run_local,
+    ulysses_attention,
 )
 from distributed_helpers import (
     TIMEOUT,
@@ -159,6 +160,16 @@ def run_layout_cases(rank, world):
         messages["dtype"] = "no error"
     except ValueError as exc:
         messages["dtype"] = str(exc)
+    # One rank's own checks fail (review: the others used to wait in the header exchange or die differently):
+    # the rank tells the others through the header, and every rank raises the same ValueError.
+    w = torch.randn(1, 2 * world, 3 if rank == 0 else 4, 8)  # odd local length on rank 0: not zigzag
+    for name, call in (("ring refused", lambda: ring_attention(w, w, w, causal=True, layout="zigzag")),
+                       ("ulysses refused", lambda: ulysses_attention(y, y, y, seq_len=-1 if rank == 1 else None))):
+        try:
+            call()
+            messages[name] = "no error"
+        except ValueError as exc:
+            messages[name] = str(exc)
     if world >= 3:  # a rank outside the group (new_group returns an int there)
         g = dist.new_group([0, 1])
         if rank == 2:
@@ -190,6 +201,14 @@ def test_upstream_layouts_match_one_process_and_mistakes_are_clear_errors(world)
         m = messages["methods"]
         assert "the ranks made different calls: rank 0 called ring_attention(batch=1, heads=" in m, m
         assert "but rank 1 called ulysses_attention(" in m and "layout='zigzag'" in m, m
+        ring_own = "layout='zigzag' holds two equal chunks per rank"  # rank 0's own error, as it would be alone
+        assert messages["ring refused"].startswith(ring_own if rank == 0 else (
+            "ring_attention: stopped on every rank before any data moved, because rank(s) 0 refused their inputs: "
+            f"rank 0: ValueError: {ring_own}")), messages["ring refused"]
+        ulysses_own = "seq_len must be an int in [0,"
+        assert messages["ulysses refused"].startswith(ulysses_own if rank == 1 else (
+            "ulysses_attention: stopped on every rank before any data moved, because rank(s) 1 refused their "
+            f"inputs: rank 1: ValueError: {ulysses_own}")), messages["ulysses refused"]
         d = messages["dtype"]
         assert f"dtype float32 on rank 0 but float64 on rank {world - 1}" in d, d
         if world >= 3 and rank == 2:

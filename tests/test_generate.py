@@ -112,3 +112,6 @@ def test_bad_arguments_are_named():
         generate(model, [torch.tensor([1])], 3, max_tokens=4)
     with pytest.raises(TypeError, match="model must have new_caches"):
         generate(torch.nn.Linear(2, 2), [torch.tensor([1])], 3)
+    for bad in (2, "2", [2.0], [-1], [True]):
+        with pytest.raises(TypeError, match=r"stop_tokens must be a sequence of token ids \(ints >= 0\)"):
+            generate(model, [torch.tensor([1])], 3, stop_tokens=bad)

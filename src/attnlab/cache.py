@@ -203,6 +203,9 @@ class _SlotCache(nn.Module):
         # with no padding (after reset(), default positions, no key_padding_mask, eager steps): a step then
         # needs no mask (KVCache.update(..., trim=True)). Kept on the host from the calls alone.
         self._plain = True
+        # lengths' version counter when the host last counted: a write the host did not see (an exported or
+        # compiled program's step, a user's own write) changes it, and the host flags are then dropped.
+        self._seen = _version(self.lengths)
         self.owner: int | None = None  # id() of the layer that uses this cache (one layer per cache)
 
     @property
@@ -239,6 +242,7 @@ class _SlotCache(nn.Module):
         self.lengths.zero_()
         self.next_positions.zero_()
         self._host_length, self._host_exact, self._plain = 0, True, True
+        self._seen = _version(self.lengths)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -326,6 +330,7 @@ class _SlotCache(nn.Module):
         if torch.compiler.is_compiling():
             torch._assert_async((self.lengths + t <= self.slots).all(), self._full_message("some row's", t))
             return
+        self._drop_stale_counts()
         if not self._host_exact or self._host_length + t > self.slots:
             self._host_length = int(self.lengths.max())  # loose after a per-row truncate, stale after compiled steps
             self._host_exact = True
@@ -368,6 +373,15 @@ class _SlotCache(nn.Module):
             self._plain = False  # the host no longer knows the length: later eager steps take the masked path
         else:
             self._host_length += t
+            self._seen = _version(self.lengths)
+
+    def _drop_stale_counts(self) -> None:
+        """Forget the host-side counts when ``lengths`` was written by something the host did not count
+        (an exported or compiled program's step, a direct write): the next step reads the device once and
+        takes the masked path, which is right for any state."""
+        if _version(self.lengths) != self._seen:
+            self._host_exact = self._plain = False
+            self._seen = _version(self.lengths)
 
     def truncate(self, n: int | Tensor) -> None:
         """Keep the first ``n`` tokens (slots) of each row and forget the rest: ``n`` an int (every row) or a
@@ -394,6 +408,7 @@ class _SlotCache(nn.Module):
         self.key_positions.masked_fill_(slot[None] >= keep[:, None], -1)  # (B, S)
         self.lengths.copy_(keep)
         self.next_positions.copy_(self.key_positions.max(dim=1).values.clamp(min=-1) + 1)  # (B,)
+        self._seen = _version(self.lengths)
 
     def rollback(self, count: int | Tensor) -> None:
         """Forget the last ``count`` tokens of each row (an int or a (B,) tensor): ``truncate(lengths - count)``."""
@@ -451,6 +466,7 @@ class KVCache(_SlotCache):
         trim: bool = False,
     ) -> CacheStep:
         if not torch.compiler.is_compiling():  # (compiled: _plain is neither read, which would guard on it, nor kept)
+            self._drop_stale_counts()
             if trim and self._plain and positions is None and key_padding_mask is None and attn_mask is None:
                 step = self._append(keys, values, window)
                 if step is not None:
@@ -514,6 +530,7 @@ class KVCache(_SlotCache):
         # next_positions == lengths == n: a plain cache's next position is its length. (Into __dict__: an int,
         # which nn.Module.__setattr__ would only look up in its parameter/buffer/module tables first.)
         self.__dict__["_host_length"] = n
+        self.__dict__["_seen"] = _version(cast(Tensor, buffers["lengths"]))
         return CacheStep(
             cache_keys.narrow(2, 0, n),  # (B, H_kv, n, d)
             None if cache_values is None else cache_values.narrow(2, 0, n),  # (B, H_kv, n, d_v)
@@ -599,6 +616,11 @@ class RollingKVCache(_SlotCache):
         self.next_positions.copy_(positions.max(dim=1).values + 1)  # (B,)
         self._count_on_host(t)
         return CacheStep(all_keys, all_values, mask, positions, key_positions, key_padding)
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s in-place write counter (-1 for an inference-mode tensor, which keeps none)."""
+    return -1 if t.is_inference() else t._version
 
 
 class LayerCaches(nn.ModuleList):

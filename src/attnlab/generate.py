@@ -63,7 +63,7 @@ def sample_next(
 
 
 def _check(prompts: object, max_new_tokens: object, temperature: object, top_k: object, top_p: object,
-           prompt_bucket: object) -> list[Tensor]:
+           prompt_bucket: object, stop_tokens: object = ()) -> list[Tensor]:
     if isinstance(prompts, Tensor):
         if prompts.dim() != 2:
             raise ValueError(f"prompts as a tensor must be (batch, tokens), got shape {tuple(prompts.shape)}")
@@ -87,6 +87,9 @@ def _check(prompts: object, max_new_tokens: object, temperature: object, top_k: 
         raise ValueError("top_k / top_p restrict sampling: give a temperature > 0 too (temperature=0 is greedy)")
     if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 1:
         raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
+    if (not isinstance(stop_tokens, Sequence) or isinstance(stop_tokens, str)
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_tokens)):
+        raise TypeError(f"stop_tokens must be a sequence of token ids (ints >= 0), e.g. [2] or (), got {stop_tokens!r}")
     return list(prompts)
 
 
@@ -125,7 +128,7 @@ def generate(
     loop ends when every row has stopped). ``max_tokens``: cache slots per layer (default: the padded
     prompt length + max_new_tokens). ``compile``: True (inductor) or a ``torch.compile`` backend name, see the
     module docstring."""
-    prompts = _check(prompts, max_new_tokens, temperature, top_k, top_p, prompt_bucket)
+    prompts = _check(prompts, max_new_tokens, temperature, top_k, top_p, prompt_bucket, stop_tokens)
     new_caches = getattr(model, "new_caches", None)
     if not callable(new_caches):
         raise TypeError(f"model must have new_caches(batch_size, max_tokens) (e.g. attnlab.modern.TinyDecoder), "

@@ -193,21 +193,24 @@ def weights_step(walk: Walkthrough, section: str) -> Step:
     return (named or maps)[-1]
 
 
-def check_output_path(path: str | Path, *, force: bool = False, formats: dict[str, str]) -> Path:
-    """The output path, checked before any work: a known extension, and no existing file unless ``force``.
+def check_output_path(path: str | Path, *, force: bool = False, formats: dict[str, str] | None = None) -> Path:
+    """The output path, checked before any work: a known extension (one of ``formats``, when given), and no
+    existing file unless ``force``.
 
     Raises ValueError (unknown extension), IsADirectoryError, FileExistsError (a file is there and
     ``force`` is False), FileNotFoundError (no such folder) or PermissionError (the folder takes no new
     file, or the existing file is not writable), so that no work is done for a file that cannot be written."""
     path = Path(path)
-    if path.suffix.lower() not in formats:
+    if not str(path).strip():
+        raise ValueError("the output file name is empty; give a file name")
+    if formats is not None and path.suffix.lower() not in formats:
         raise ValueError(f"cannot write {str(path)!r}: unknown extension {path.suffix or '(none)'!r}; "
                          f"use one of {', '.join(formats)}")
     if path.is_dir():
-        raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name ending in "
-                                f"{', '.join(formats)}")
+        raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name"
+                                + (f" ending in {', '.join(formats)}" if formats else ""))
     if path.exists() and not force:
-        raise FileExistsError(f"{str(path)!r} exists; pass --force to overwrite it")
+        raise FileExistsError(f"{str(path)!r} already exists; pass --force to overwrite it")
     if not path.parent.exists():
         raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
     if not path.parent.is_dir():

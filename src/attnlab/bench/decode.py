@@ -354,7 +354,20 @@ def run_decode(
     on_start: Callable[[str], None] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> DecodeReport:
-    """Build each variant's decoder and generate with and without the cache."""
+    """Build each variant's decoder and generate with and without the cache (with ``cfg.threads`` torch
+    threads; the caller's thread setting is restored afterwards)."""
+    before = torch.get_num_threads()
+    try:
+        return _run_decode(cfg, on_start, on_step)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_decode(
+    cfg: DecodeConfig,
+    on_start: Callable[[str], None] | None,
+    on_step: Callable[[], None] | None,
+) -> DecodeReport:
     from attnlab.bench.memory import PeakMemory
 
     unknown = [v for v in cfg.variants if v not in VARIANT_NAMES]

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from attnlab.cli import UsageError
+from attnlab.cli.options import check_writable
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -175,31 +176,9 @@ def _check_memory(cfg, names: tuple[str, ...]) -> None:
 def _check_output(path: Path | None, option: str, force: bool) -> None:
     """Before any work: an output file that can be written (its folder exists and takes a new file, an
     existing file only with --force and only if it is writable), so no benchmark runs for nothing."""
-    import os
-    import tempfile
-
     if path is None:
         return
-    if not str(path).strip():
-        raise UsageError(f"{option} is empty; give a file name")
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise UsageError(f"{option} {path} already exists; pass --force to overwrite it")
-    parent = path.parent
-    if not parent.exists():
-        raise UsageError(f"{option} {path}: directory {parent} does not exist")
-    if not parent.is_dir():
-        raise UsageError(f"{option} {path}: {parent} is not a directory")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UsageError(f"{option} {path} is not writable; choose another file")
-    try:  # the one sure test: create (and remove) a file beside it
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=".attnlab-write-test-")
-    except OSError as exc:
-        raise UsageError(f"{option} {path}: cannot write in {parent} ({exc.strerror or exc}); choose another "
-                         "folder") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_writable(path, option, force=force)
 
 
 def write_output(path: Path, text: str) -> None:

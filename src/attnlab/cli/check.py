@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 from attnlab.cli import UsageError
+from attnlab.cli.options import check_writable
 
 _SUFFIXES = (".md", ".txt", ".ipynb", ".markdown")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from attnlab.maps import write_atomically
     from attnlab.notes import check_notes, render_html, render_json, render_text
 
     paths = [Path(p) for p in args.notes]
@@ -26,10 +28,12 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"--html writes one note's page: give one note, got {len(paths)}")
         if Path(args.html).exists():
             raise UsageError(f"--html: {args.html} exists; choose a new file name (it is never overwritten)")
+        check_writable(args.html, "--html")  # before any work: a folder that takes a new file
     reports = [check_notes(p, run=not args.no_run) for p in paths]
     sys.stdout.write(render_json(reports) + "\n" if args.format == "json" else render_text(reports))
     if args.html is not None:
-        Path(args.html).write_text(render_html(reports[0], paths[0].read_text(encoding="utf-8")), encoding="utf-8")
+        page = render_html(reports[0], paths[0].read_text(encoding="utf-8"))
+        write_atomically(Path(args.html), lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from attnlab.cli import UsageError
@@ -28,6 +29,7 @@ __all__ = [
     "INSTALL_HINT",
     "add_model_arguments",
     "missing_model_package",
+    "check_writable",
     "add_output_arguments",
     "add_section_argument",
     "attention_maps_from_args",
@@ -42,6 +44,18 @@ def note(args: argparse.Namespace, text: str, kind: str = "note") -> None:
     """One ``attnlab COMMAND: note: ...`` line on stderr."""
     command = getattr(args, "command", None) or "attnlab"
     sys.stderr.write(f"attnlab {command}: {kind}: {text.splitlines()[0]}\n")
+
+
+def check_writable(path: str | Path, option: str, *, force: bool = False,
+                   formats: dict[str, str] | None = None) -> Path:
+    """:func:`attnlab.maps.check_output_path` for a command-line option: before any work, one UsageError line
+    naming ``option`` when the file cannot be written (or exists and ``force`` is False)."""
+    from attnlab.maps import check_output_path
+
+    try:
+        return check_output_path(path, force=force, formats=formats)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{option}: {str(exc).splitlines()[0]}") from None
 
 
 def missing_model_package(exc: ImportError) -> UsageError:

@@ -25,6 +25,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -162,12 +163,14 @@ def _describe(row: tuple[int, ...]) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def check_same(group, like: torch.Tensor, what: str, **fields: int) -> None:
+def check_same(group, like: torch.Tensor, what: str, *, error: BaseException | None = None, **fields: int) -> None:
     """Raise the same ValueError on every rank when the ranks of ``group`` made different calls or passed
-    different ``fields`` (sizes, flags). ``what`` is a name of :data:`CALLS` and ``fields`` its fields, in order.
+    different ``fields`` (sizes, flags), or when a rank's own checks of its inputs failed (``error``, see
+    :func:`refuse`: that rank raises its own error, every other rank a ValueError that quotes it). ``what`` is a name of :data:`CALLS` and ``fields`` its fields, in order.
 
     One ``all_gather`` of a :data:`HEADER_SIZE` int64 header: fixed-size whatever the call, so it is well
-    formed even when another rank called a different function (then both calls are named).
+    formed even when another rank called a different function (then both calls are named). Only when some
+    rank failed its own checks does a second gather bring every rank that rank's message.
     """
     if what not in CALLS or tuple(fields) != CALLS[what]:  # a programming error inside attnlab
         raise RuntimeError(f"check_same({what!r}) with fields {tuple(fields)}, expected {CALLS.get(what)}")
@@ -176,6 +179,7 @@ def check_same(group, like: torch.Tensor, what: str, **fields: int) -> None:
         return
     values = [_MAGIC, _CALL_IDS[what], len(fields), *(int(x) for x in fields.values())]
     values += [0] * (HEADER_SIZE - len(values))
+    values[-1] = int(error is not None)  # the last slot: this rank refused its own inputs
     mine = torch.tensor(values, dtype=torch.int64, device=_comm_device(group, like))  # (HEADER_SIZE,)
     every = [torch.empty_like(mine) for _ in range(world)]
     with _failures(f"{what}: the call check (all_gather)", group):
@@ -183,6 +187,17 @@ def check_same(group, like: torch.Tensor, what: str, **fields: int) -> None:
         dist.all_gather(every, mine, group=group)
         _record(control=_nbytes(mine) * (world - 1), wait=time.perf_counter() - t0, messages=1)
     rows = [tuple(int(x) for x in e.tolist()) for e in every]
+    refused = [r for r, row in enumerate(rows) if row[0] == _MAGIC and row[-1]]
+    if refused:
+        messages: list[str | None] = [None] * world
+        mine_text = None if error is None else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        with _failures(f"{what}: gathering why a rank refused its inputs", group):
+            dist.all_gather_object(messages, mine_text, group=group)
+        if error is not None:  # a rank that refused raises its own error, as it would alone
+            raise error
+        why = "; ".join(f"rank {r}: {messages[r]}" for r in refused)
+        raise ValueError(f"{what}: stopped on every rank before any data moved, because rank(s) "
+                         f"{', '.join(map(str, refused))} refused their inputs: {why}")
     for r, row in enumerate(rows):
         if row == rows[0]:
             continue
@@ -200,6 +215,15 @@ def check_same(group, like: torch.Tensor, what: str, **fields: int) -> None:
             "(split the sequence with ContextParallel.shard, which pads it to a length all ranks share), with the "
             "same flags and layout"
         )
+
+
+def refuse(group, like: object, what: str, error: BaseException) -> NoReturn:
+    """Raise ``error`` (a rank's own input check failed) so that the other ranks, which wait in
+    :func:`check_same`, raise the same ValueError instead of hanging: this rank takes part in the header
+    exchange with its refusal. Alone, or without a tensor to talk through, ``error`` itself is raised."""
+    if isinstance(like, torch.Tensor) and dist.get_world_size(group) > 1:
+        check_same(group, like, what, error=error, **dict.fromkeys(CALLS[what], 0))
+    raise error
 
 
 def _value(field: str, value: int) -> str:

@@ -380,25 +380,28 @@ def ring_attention(
     input spreads to every row that may attend it, on every rank.
     """
     group, rank, world = comm.resolve_group(group)
-    _check_inputs(q, k, v, key_padding_mask, document_ids)
-    b, h, t_l, d = q.shape
-    t_pad = t_l * world
-    seq_len = t_pad if seq_len is None else seq_len
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
-        raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
-    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
-    order = resolve_layout(layout, bool(causal), seq_len, t_pad, "ring_attention")
-    lay = Layout(ring=world, order=order)
-    if lay.zigzag and t_l % 2:
-        raise ValueError(
-            f"layout='zigzag' holds two equal chunks per rank, so the local length must be even, got {t_l}; split "
-            "the sequence with ContextParallel(group, 'ring').shard, or pass layout='contiguous' for shards that hold "
-            "one run of consecutive tokens (the plain ring)"
-        )
+    try:  # this rank's own checks: a refusal is told to the other ranks (comm.refuse), never a hang
+        _check_inputs(q, k, v, key_padding_mask, document_ids)
+        b, h, t_l, d = q.shape
+        t_pad = t_l * world
+        seq_len = t_pad if seq_len is None else seq_len
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
+            raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
+        block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+        order = resolve_layout(layout, bool(causal), seq_len, t_pad, "ring_attention")
+        lay = Layout(ring=world, order=order)
+        if lay.zigzag and t_l % 2:
+            raise ValueError(
+                f"layout='zigzag' holds two equal chunks per rank, so the local length must be even, got {t_l}; split "
+                "the sequence with ContextParallel(group, 'ring').shard, or pass layout='contiguous' for shards that hold "
+                "one run of consecutive tokens (the plain ring)"
+            )
+    except (ValueError, TypeError) as exc:
+        comm.refuse(group, q, "ring_attention", exc)
     comm.check_same(group, q, "ring_attention", batch=b, heads=h, kv_heads=k.shape[1], local_tokens=t_l, head_dim=d,
                     value_dim=v.shape[-1], dtype=comm.DTYPE_IDS[q.dtype], causal=int(bool(causal)),
                     layout=comm.LAYOUT_IDS[order], has_key_padding_mask=int(key_padding_mask is not None),

@@ -133,25 +133,28 @@ def ulysses_attention(
     in one position's input spreads to every row that may attend it.
     """
     group, _rank, world = comm.resolve_group(group)
-    _check_inputs(q, k, v, key_padding_mask, document_ids)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
-    b, h, t_l, d = q.shape
-    h_kv = k.shape[1]
-    if h % world:
-        raise ValueError(
-            f"ulysses attention splits the heads over the {world} ranks of the group, but {h} query heads do not "
-            f"divide evenly; use method='ring' (ring_attention works for any head count) or method='hybrid' with a "
-            f"Ulysses size that divides the heads"
-        )
-    if h_kv % world:  # grouped-query with fewer key/value heads than ranks: give every query head its own
-        k, v = k.repeat_interleave(h // h_kv, dim=1), v.repeat_interleave(h // h_kv, dim=1)  # (B, H, T_l, d)
-    if attend is None:
-        t = t_l * world
-        seq_len = t if seq_len is None else seq_len
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t:
-            raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t}], got {seq_len!r}")
-        attend = _local_attention(backend)
+    try:  # this rank's own checks: a refusal is told to the other ranks (comm.refuse), never a hang
+        _check_inputs(q, k, v, key_padding_mask, document_ids)
+        if not isinstance(return_lse, bool):
+            raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+        b, h, t_l, d = q.shape
+        h_kv = k.shape[1]
+        if h % world:
+            raise ValueError(
+                f"ulysses attention splits the heads over the {world} ranks of the group, but {h} query heads do not "
+                f"divide evenly; use method='ring' (ring_attention works for any head count) or method='hybrid' with a "
+                f"Ulysses size that divides the heads"
+            )
+        if h_kv % world:  # grouped-query with fewer key/value heads than ranks: give every query head its own
+            k, v = k.repeat_interleave(h // h_kv, dim=1), v.repeat_interleave(h // h_kv, dim=1)  # (B, H, T_l, d)
+        if attend is None:
+            t = t_l * world
+            seq_len = t if seq_len is None else seq_len
+            if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t:
+                raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t}], got {seq_len!r}")
+            attend = _local_attention(backend)
+    except (ValueError, TypeError) as exc:
+        comm.refuse(group, q, _call, exc)
     comm.check_same(group, q, _call, batch=b, heads=h, kv_heads=h_kv, local_tokens=t_l, head_dim=d,
                     value_dim=v.shape[-1], dtype=comm.DTYPE_IDS[q.dtype], causal=int(bool(causal)),
                     layout=comm.LAYOUT_IDS[_layout], has_key_padding_mask=int(key_padding_mask is not None),

@@ -29,6 +29,8 @@ from attnlab.notes.parse import Block, Note
 from attnlab.notes.report import Finding, NotesReport, Unchecked
 from attnlab.notes.run import BlockRun, run_blocks
 
+RUN_TIMEOUT = 60.0  # seconds for all of a note's code, in its own process
+
 __all__ = ["judge_note"]
 
 
@@ -100,11 +102,16 @@ def _check_code(note: Note, rep: NotesReport, run: bool) -> set[int]:
     runnable = [c for c, _ in pairs if c.parses]
     if not runnable:  # nothing to run: no process is started
         return {ln.number for _, out in pairs if out is not None for ln in out.lines}
-    runs = dict(zip((id(c) for c in runnable), run_blocks(runnable, notebook=note.path.suffix == ".ipynb"
+    runs = dict(zip((id(c) for c in runnable), run_blocks(runnable, timeout=RUN_TIMEOUT, notebook=note.path.suffix == ".ipynb"
                                                            or "In [" in note.text)))
     for code, out in pairs:
         r: BlockRun | None = runs.get(id(code))
         if r is None or not r.ran:
+            leftover |= {ln.number for ln in out.lines} if out is not None else set()
+            continue
+        if r.timed_out:
+            rep.notes.append((code.start, (f"not finished: the code was stopped at the time limit "
+                                           f"({RUN_TIMEOUT:g} s); its printed numbers are checked as claims instead")))
             leftover |= {ln.number for ln in out.lines} if out is not None else set()
             continue
         if r.error:

@@ -32,6 +32,7 @@ class BlockRun:
     error_line: int = 0
     names: dict[str, str] = field(default_factory=dict)
     ran: bool = False
+    timed_out: bool = False  # it was still running at the time limit (the process was killed)
 
 
 _DRIVER = r'''
@@ -76,14 +77,22 @@ def run_blocks(blocks: list[Block], *, timeout: float = 60.0, notebook: bool = F
         src.write_text(json.dumps(payload), encoding="utf-8")
         driver = Path(tmp) / "driver.py"
         driver.write_text(f"MARK = {_MARK!r}\n" + _DRIVER, encoding="utf-8")
+        # A session of its own, so that the time limit kills whatever the note's code started too; no stdin
+        # (the note's code never reads what is typed into attnlab).
+        proc = subprocess.Popen([sys.executable, str(driver), str(src)], cwd=tmp, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                start_new_session=True)
+        timed_out = False
         try:
-            done = subprocess.run([sys.executable, str(driver), str(src)], cwd=tmp, capture_output=True,
-                                  text=True, timeout=timeout, check=False, env=_env())
-            out = done.stdout
-            if done.returncode and _MARK not in out:
-                raise RuntimeError(f"the note's code could not be started: {done.stderr.strip()[-300:]}")
-        except subprocess.TimeoutExpired as exc:
-            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            out, err = proc.communicate()
+        finally:
+            _kill_group(proc)  # nothing the note started outlives the check
+        if not timed_out and proc.returncode and _MARK not in out:
+            raise RuntimeError(f"the note's code could not be started: {err.strip()[-300:]}")
     current = -1
     for line in out.split("\n"):
         if line.startswith(_MARK + "-error "):
@@ -97,9 +106,22 @@ def run_blocks(blocks: list[Block], *, timeout: float = 60.0, notebook: bool = F
             runs[current].ran = True
         elif current >= 0:
             runs[current].stdout += line + "\n"
+    if timed_out and current >= 0 and not runs[current].error:
+        runs[current].timed_out = True
     for r in runs:
         r.stdout = r.stdout.strip("\n")
     return runs
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (it leads its own session), ignoring one that is gone."""
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _env() -> dict[str, str]:
