@@ -13,30 +13,8 @@ from torch import nn
 
 from attnlab import CausalAttention, MultiHeadAttention
 from attnlab.modules import BOOK_MASK_LIMIT, positions_within_documents
+from test_modules import BookMultiHeadAttention  # the book's class, verbatim: the state_dicts' source
 from tolerances import assert_close
-
-
-class BookMultiHeadAttention(nn.Module):
-    """The book's chapter-3 MultiHeadAttention, verbatim apart from names (the state_dict's source)."""
-
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
-        super().__init__()
-        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-        self.dropout = nn.Dropout(dropout)
-        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
-
-    def forward(self, x):
-        b, num_tokens, _ = x.shape
-        split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))  # (B, H, T, hd)
-        scores = (q @ k.transpose(2, 3)).masked_fill(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
-        weights = self.dropout(torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1))  # (B, H, T, T)
-        context = (weights @ v).transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)  # (B, T, d_out)
-        return self.out_proj(context)
 
 
 def test_a_131072_token_module_builds_in_under_a_second_and_50_mb():
