@@ -1,5 +1,5 @@
 """The per-call fast paths (issue 23, point 4) accept exactly what the full checks accept, and give the same
-numbers: ``functional._check_qkv``'s shortcut against ``functional._check_qkv_all`` (the full check) over a
+numbers: ``functional.check_qkv``'s shortcut against ``functional._check_qkv_all`` (the full check) over a
 sweep of layouts, ``backends._check_call``'s shortcut against bad arguments, ``backends.attention``'s direct
 "torch" path against the registered backend, and ``attnlab.hf.attention_forward``'s short path against the
 eager reference. No timing here: the speed is in benchmarks/RESULTS.md (``bench_hf.py --calls``)."""
@@ -32,7 +32,7 @@ def test_fast_check_agrees_with_the_full_check():
     accepted = 0
     for q_lead, k_lead, v_lead in itertools.product(_LEADS, repeat=3):  # every layout, valid or not
         q, k, v = torch.zeros(*q_lead, 1, 4), torch.zeros(*k_lead, 3, 4), torch.zeros(*v_lead, 3, 5)
-        fast, full = _outcome(F._check_qkv, q, k, v), _outcome(F._check_qkv_all, q, k, v)
+        fast, full = _outcome(F.check_qkv, q, k, v), _outcome(F._check_qkv_all, q, k, v)
         assert fast == full, (q_lead, k_lead, v_lead)
         if full[1] is None:
             accepted += 1
@@ -48,7 +48,7 @@ def test_fast_check_raises_what_the_full_check_raises(case):
         "d_k": (q, k[..., :3], v), "tokens": (q, k, v[..., :2, :]), "rank_q": (q[0, 0, 0], k, v),
         "rank_v": (q, k, v[0, 0, 0]), "list_k": (q, [1.0], v),
     }[case]
-    fast, full = _outcome(F._check_qkv, *bad), _outcome(F._check_qkv_all, *bad)
+    fast, full = _outcome(F.check_qkv, *bad), _outcome(F._check_qkv_all, *bad)
     assert fast[1] is not None and fast == full
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "kv_groups",
     "repeat_kv",
+    "check_qkv",
 ]
 
 
@@ -254,7 +255,7 @@ def broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...] | 
     return tuple(out)
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> int:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> int:
     """Validate q (..., T_q, d_k), k (..., T_k, d_k), v (..., T_k, d_v) (see :func:`_check_qkv_all`) and
     return :func:`kv_groups` ``(q, k)``.
 
@@ -480,7 +481,7 @@ def scaled_dot_product_attention(
     returned in the input dtype. Fully masked query rows give zeros, not NaN; no keys at all
     (``T_k = 0``) gives zeros too, with zero gradients, as PyTorch's math kernel does.
     """
-    groups = _check_qkv(q, k, v)  # kv_groups(q, k)
+    groups = check_qkv(q, k, v)  # kv_groups(q, k)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):

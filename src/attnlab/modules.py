@@ -236,20 +236,24 @@ float32 at the book's GPT-2 context of 1024): what the book's classes load. Abov
 an empty (0, 0) tensor, so a 128k-token layer's checkpoint holds no 64 GiB matrix."""
 
 
+def _book_mask(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The chapter's causal ``mask``: ``triu(ones(n, n), 1)``, 1 = future (masked). Shape (n, n)."""
+    return torch.ones(n, n, dtype=dtype, device=device).triu(1)
+
+
 def _is_causal_mask(saved: Tensor) -> bool:
     """Whether a saved ``mask`` is the chapter's ``triu(ones(n, n), 1)`` (any n, the empty one included)."""
     if saved.dim() != 2 or saved.shape[0] != saved.shape[1]:
         return False
     n = saved.shape[0]
-    return bool(torch.equal(saved != 0, torch.ones(n, n, dtype=torch.bool, device=saved.device).triu(1)))
+    return bool(torch.equal(saved != 0, _book_mask(n, torch.bool, saved.device)))
 
 
 def _save_book_mask(module: Any, state_dict: dict, prefix: str, local_metadata: object) -> None:
     """state_dict post-hook: the chapter's ``mask`` entry, first among the module's own keys (the book's
     order), built at save time (the module holds no T x T matrix)."""
     n, like = module.context_length, module._mask_like
-    saved = (torch.ones(n, n, dtype=like.dtype, device=like.device).triu(1) if n <= BOOK_MASK_LIMIT
-             else like.new_zeros(0, 0))  # (n, n) or (0, 0)
+    saved = _book_mask(n, like.dtype, like.device) if n <= BOOK_MASK_LIMIT else like.new_zeros(0, 0)  # (n, n) | (0, 0)
     own = [(k, state_dict.pop(k)) for k in [k for k in state_dict if k.startswith(prefix)]]
     state_dict[prefix + "mask"] = saved
     state_dict.update(own)
@@ -391,7 +395,7 @@ class MultiHeadAttention(nn.Module):
         like, n = self._mask_like, self.context_length
         built = self.__dict__.get("_mask_built")
         if built is None or built.dtype != like.dtype or built.device != like.device:
-            built = torch.ones(n, n, dtype=like.dtype, device=like.device).triu(1)  # (T, T)
+            built = _book_mask(n, like.dtype, like.device)  # (T, T)
             self.__dict__["_mask_built"] = built
         return built
 

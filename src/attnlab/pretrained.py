@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import functional as F
+from attnlab.masks import causal_mask
 from attnlab.modules import MultiHeadAttention
 
 __all__ = [
@@ -356,7 +357,7 @@ class AttentionMaps:
         """True when every layer hid each token's future (a decoder's causal mask)."""
         if self.masked is None or self.seq_len < 2:
             return False
-        future = torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).triu(1)  # (T, T)
+        future = ~causal_mask(self.seq_len)  # (T, T): True = a later token
         return bool(torch.as_tensor(self.masked)[:, future].all())
 
     @property

@@ -477,14 +477,7 @@ def _dir_steps(hs: Any, labels: tuple[str, ...], layer: int, head: int, name: st
         symbol="weight", query_axis=0, how=How("softmax", (logits,)), depends=(logits,),
         extra={"row_sums": weights.sum(axis=-1), "max_abs_diff_to_model": diff},
     ))
-    out.append(Step(
-        sec, "context", f"Context vectors of head {head}", values=_np(hs.context),
-        why="each token's weighted sum of the values: what this head gathers for it",
-        formula="context = weights @ values   (z_i = Σ_j weight(i, j) × v_j)", axes=token_dim,
-        labels=(labels, _dims(hd)), symbol="z", query_axis=0,
-        how=How("weighted_sum", (f"{sec}.weights", f"{sec}.values")),
-        depends=(f"{sec}.weights", f"{sec}.values"),
-    ))
+    out.append(_context_step(head, _np(hs.context), labels, hd, "what this head gathers for it"))
     n_heads = hs.num_heads
     out.append(Step(
         sec, "head_weights", f"Attention weights of each of the {n_heads} heads of layer {layer}",
@@ -632,14 +625,8 @@ def _steps(ls: Any, head_weights: np.ndarray, labels: tuple[str, ...], layer: in
         query_axis=0, how=How("softmax", (f"{sec}.scores",)), depends=(f"{sec}.scores",),
         extra={"row_sums": weights.sum(axis=-1)},
     ))
-    out.append(Step(
-        sec, "context", f"Context vectors of head {head}", values=_np(ls.context),
-        why="each token's weighted sum of the values: what this head gathers for it from the sentence",
-        formula="context = weights @ values   (z_i = Σ_j weight(i, j) × v_j)", axes=token_dim,
-        labels=(labels, _dims(hd)), symbol="z", query_axis=0,
-        how=How("weighted_sum", (f"{sec}.weights", f"{sec}.values")),
-        depends=(f"{sec}.weights", f"{sec}.values"),
-    ))
+    out.append(_context_step(head, _np(ls.context), labels, hd,
+                             "what this head gathers for it from the sentence"))
     n_heads = ls.num_heads
     module = f"layer {layer}'s MultiHeadAttention of {name} ({n_heads} heads)"
     out.append(Step(
@@ -654,6 +641,18 @@ def _steps(ls: Any, head_weights: np.ndarray, labels: tuple[str, ...], layer: in
     if maps is not None:
         out.append(_layer_weights_step(maps, name, labels, "q_lh @ k_lhᵀ / √d_k"))
     return out
+
+
+def _context_step(head: int, context: Any, labels: Any, hd: int, gathers: str) -> Step:
+    """One head's context vectors, the weighted sum of its values (``gathers``: what the sum is, in words)."""
+    return Step(
+        SECTION, "context", f"Context vectors of head {head}", values=context,
+        why=f"each token's weighted sum of the values: {gathers}",
+        formula="context = weights @ values   (z_i = Σ_j weight(i, j) × v_j)", axes=("token", "dim"),
+        labels=(labels, _dims(hd)), symbol="z", query_axis=0,
+        how=How("weighted_sum", (f"{SECTION}.weights", f"{SECTION}.values")),
+        depends=(f"{SECTION}.weights", f"{SECTION}.values"),
+    )
 
 
 def _layer_weights_step(maps: Any, name: str, labels: Any, inside: str) -> Step:
