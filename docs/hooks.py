@@ -39,6 +39,7 @@ from mkdocs.structure.files import File
 # Public modules with a page in the API reference, in reading order. OPTIONAL ones get a page when they exist.
 API_MODULES = (
     "attnlab",
+    "attnlab.errors",
     "attnlab.functional",
     "attnlab.masks",
     "attnlab.modules",
@@ -46,6 +47,7 @@ API_MODULES = (
     "attnlab.testing",
     "attnlab.cache",
     "attnlab.rope",
+    "attnlab.alibi",
     "attnlab.latent",
     "attnlab.modern",
     "attnlab.variants",

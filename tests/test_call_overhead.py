@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnlab import backends
+from attnlab import backends, masks
 from attnlab import functional as F
 from tolerances import assert_close
 
@@ -129,8 +129,8 @@ def test_hf_short_path_equals_the_eager_reference():
 def test_structure_mask_equals_the_mask_builders(t_q, t_k, window):
     from attnlab.masks import causal_mask, window_mask
 
-    got = backends._structure_mask(t_q, t_k, True, window, torch.device("cpu"))  # (T_q, T_k)
+    got = masks.index_mask(t_q, t_k, causal=True, window=window, device=torch.device("cpu"))  # (T_q, T_k)
     want = causal_mask(t_q, t_k) if window is None else window_mask(t_q, t_k, window=window)  # (T_q, T_k)
     assert got is not None and got.dtype == torch.bool
     assert torch.equal(got, want)  # exact: booleans
-    assert backends._structure_mask(t_q, t_k, False, None, torch.device("cpu")) is None
+    assert masks.index_mask(t_q, t_k, causal=False, window=None, device=torch.device("cpu")) is None

@@ -178,8 +178,9 @@ def run_layout_cases(rank, world):
                 try:
                     call()
                     messages[name] = "no error"
-                except (ValueError, TypeError) as exc:
-                    messages[name] = f"{type(exc).__name__}: {exc}"
+                except (ValueError, TypeError) as exc:  # named as callers catch it (attnlab's input errors
+                    kind = "TypeError" if isinstance(exc, TypeError) else "ValueError"  # subclass these)
+                    messages[name] = f"{kind}: {exc}"
     return errs, messages
 
 

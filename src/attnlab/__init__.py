@@ -2,10 +2,23 @@
 
 Learn (``attnlab explain``), use (the chapter's classes, hardened), verify (every implementation is the
 same function), measure (``attnlab bench``) and see (heatmaps and an HTML report) attention.
+
+Bad input raises :class:`AttnlabInputError` (a ``ValueError``) or :class:`AttnlabInputTypeError` (also a
+``TypeError``), naming the argument, what was expected and what was given.
+
+The package's layers point one way (``tests/test_layers.py`` checks it): :mod:`attnlab.errors`, the math
+(:mod:`attnlab.functional`, :mod:`attnlab.masks`, the backends) and the book's example (:mod:`attnlab.book`)
+at the bottom; the modules (:mod:`attnlab.modules`, the cache, the variants, the pretrained models) on
+them; the walkthrough, the benchmarks and the pictures (:mod:`attnlab.explain`, :mod:`attnlab.bench`,
+:mod:`attnlab.heatmap`, :mod:`attnlab.report`) above; the command line (:mod:`attnlab.cli`) at the top.
+This file is the one place that imports from every layer.
 """
 
 from attnlab import functional, masks
+from attnlab.book import BOOK_INPUTS, BOOK_TOKENS, book_inputs
 from attnlab.cache import KVCache, RollingKVCache
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.explain import explain  # attnlab.explain(...): the walkthrough function
 from attnlab.generate import generate as generate  # attnlab.generate(...): the function
 from attnlab.latent import MultiHeadLatentAttention
 from attnlab.modules import (
@@ -17,37 +30,21 @@ from attnlab.modules import (
     SelfAttentionV1,
     SelfAttentionV2,
 )
+from attnlab.notebook import register_html as _register_html
+from attnlab.report.html import render_html as _render_html
 from attnlab.rope import RotaryEmbedding
 
 __version__ = "0.1.0"
 
-# The chapter's example: "Your journey starts with one step", 3-dimensional embeddings (chapter 3.3.1).
-BOOK_TOKENS = ("Your", "journey", "starts", "with", "one", "step")
-BOOK_INPUTS = (
-    (0.43, 0.15, 0.89),  # Your     (x^1)
-    (0.55, 0.87, 0.66),  # journey  (x^2)
-    (0.57, 0.85, 0.64),  # starts   (x^3)
-    (0.22, 0.58, 0.33),  # with     (x^4)
-    (0.77, 0.25, 0.10),  # one      (x^5)
-    (0.05, 0.80, 0.55),  # step     (x^6)
-)
-
-
-def book_inputs():
-    """The chapter's ``inputs`` tensor, (6, 3) float32."""
-    import torch
-
-    return torch.tensor(BOOK_INPUTS)
-
-
-# ``attnlab.explain(...)`` is the walkthrough function (a Walkthrough renders itself as the interactive
-# report in a notebook); ``from attnlab.explain import Walkthrough, ...`` still reaches the subpackage.
-# Imported last: the walkthrough reads BOOK_TOKENS and book_inputs above.
-from attnlab.explain import explain
+# A Walkthrough or AttentionMaps shows itself in a notebook as the interactive report: wired here, at the
+# top, so that those data classes import nothing above them (see attnlab.notebook).
+_register_html(_render_html)
 
 __all__ = [
     "BOOK_INPUTS",
     "BOOK_TOKENS",
+    "AttnlabInputError",
+    "AttnlabInputTypeError",
     "CausalAttention",
     "KVCache",
     "MultiHeadLatentAttention",

@@ -18,6 +18,12 @@ Every backend computes the same function as the eager reference
   draws it differently (see :data:`SDPA_DROPOUT_LIKE_NN_DROPOUT`); ``"torch"`` otherwise.
 - anything added with :func:`register` (check it with :func:`attnlab.testing.assert_same_function`).
 
+The mask of a call is one description, :class:`attnlab.masks.MaskSpec` (``mask=`` takes one; the keywords
+``mask`` as a tensor, ``causal``, ``window`` and ``document_ids`` build one), plus an optional score bias
+(``bias=``, or a float ``mask``). Each backend converts it once: ``eager``/``torch``/registered ones get one
+dense mask (causal/window stay flags when aligned by index), ``flash`` its tile plan; :data:`TAKES` says
+what each backend reads, and ``auto`` never picks a backend that cannot take the call.
+
 Packed sequences: ``document_ids=`` (integer, (B, T) or (T,), ``T_q == T_k``, B = ``q.shape[0]``) lets a
 query attend only the keys of its own document. It is one description converted at the edge: ``flash``
 passes it to its kernel (which skips the tiles of other documents); every other backend gets the dense
@@ -47,15 +53,17 @@ d_k / d_v head sizes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, cast, overload
 
 import torch
 from torch import Tensor
 
 from attnlab import functional as F
-from attnlab.masks import causal_mask, document_mask, window_mask
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.masks import MaskSpec, index_mask
 
-__all__ = ["AttentionFn", "BACKENDS", "attention", "register", "unregister", "resolve"]
+__all__ = ["AttentionFn", "BACKENDS", "TAKES", "Takes", "attention", "register", "unregister", "resolve"]
 
 AttentionFn = Callable[..., Tensor]
 
@@ -97,15 +105,6 @@ def _eager(
     )  # (..., T_q, d_v)
 
 
-def _structure_mask(t_q: int, t_k: int, causal: bool, window: int | None, device: torch.device) -> Tensor | None:
-    """The causal / sliding-window part of the mask as a bool (T_q, T_k) matrix, or None."""
-    if window is not None:
-        return window_mask(t_q, t_k, window=window, device=device)  # (T_q, T_k)
-    if causal:
-        return causal_mask(t_q, t_k, device=device)  # (T_q, T_k)
-    return None
-
-
 def _torch_sdpa(
     q: Tensor,
     k: Tensor,
@@ -137,7 +136,7 @@ def _torch_sdpa_grouped(q: Tensor, k: Tensor, v: Tensor, groups: int, *, mask: T
         is_causal = True
     attn_mask = mask
     if not is_causal:
-        structure = _structure_mask(t_q, t_k, causal, window, q.device)  # (T_q, T_k) or None
+        structure = index_mask(t_q, t_k, causal=causal, window=window, device=q.device)  # (T_q, T_k) or None
         if structure is not None:
             if attn_mask is None or attn_mask.dtype == torch.bool:
                 attn_mask = structure if attn_mask is None else structure & attn_mask  # (..., T_q, T_k)
@@ -175,33 +174,38 @@ def _flash(
     scale: float | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
-    document_ids: Tensor | None = None,
 ) -> Tensor:
-    out, _lse = _flash_with_lse(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                                dropout_p=dropout_p, training=training, document_ids=document_ids)
-    return out  # (..., T_q, d_v)
+    """The table's entry for ``"flash"`` in the keyword style of every backend (a padding-style bool mask)."""
+    spec, bias = MaskSpec.describe(mask, causal=causal, window=window)
+    return _flash_with_lse(q, k, v, spec, bias, scale=scale, dropout_p=dropout_p, training=training)[0]
 
 
 def _flash_with_lse(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    mask: Tensor | None,
-    causal: bool,
-    window: int | None,
-    scale: float | None,
-    dropout_p: float,
-    training: bool,
-    document_ids: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, bias: Tensor | None, *, scale: float | None,
+    dropout_p: float, training: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The flash kernel's ``(out, lse)``; document ids go to the kernel as they are (it skips their tiles)."""
+    """The flash kernel's ``(out, lse)`` for a mask description: its parts go to the kernel as they are
+    (it turns them into its tile plan and skips hidden tiles); what has no tile form is refused here."""
     from attnlab.flash import flash_attention
 
-    key_padding_mask = None if mask is None else _key_padding_from_mask(mask, q, k)
+    if bias is not None:
+        raise AttnlabInputError(
+            f"the flash backend takes no score bias (a float mask or a positional bias such as ALiBi; got one "
+            f"of shape {tuple(bias.shape)}): use backend='eager', 'torch' or 'auto' ({_TAKES_NOTE})")
+    if spec.query_positions is not None or spec.key_document_ids is not None:
+        raise AttnlabInputError(
+            "the flash backend aligns causal/window by index and takes no query/key positions or separate key "
+            f"document ids: put the keys in position order (see CacheStep.ordered), or use backend='eager', "
+            f"'torch' or 'auto' ({_TAKES_NOTE})")
+    padding = spec.key_padding
+    if spec.allowed is not None:
+        F.check_mask(spec.allowed, q.shape[-2], k.shape[-2])
+        from_mask = _key_padding_from_mask(spec.allowed, q, k)  # (B, T_k), True = padding
+        padding = from_mask if padding is None else padding | from_mask  # (B, T_k)
+    causal, window = spec.by_index
     return cast(tuple[Tensor, Tensor], flash_attention(
-        q, k, v, causal=causal, window=window, scale=scale, key_padding_mask=key_padding_mask,
-        dropout_p=dropout_p if training else 0.0, document_ids=document_ids, return_lse=True,
+        q, k, v, causal=causal, window=window, scale=scale, key_padding_mask=padding,
+        dropout_p=dropout_p if training else 0.0, document_ids=spec.document_ids, return_lse=True,
     ))  # (..., T_q, d_v), (..., T_q)
 
 
@@ -216,20 +220,20 @@ def _key_padding_from_mask(mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
         "(1, 1, 1, num_keys) or (batch, 1, 1, 1)), together with causal= and window=; "
     )
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise AttnlabInputTypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise ValueError(
+        raise AttnlabInputError(
             what + f"got a {mask.dtype} mask of shape {tuple(mask.shape)}; pass a bool mask "
             "(True = may attend), or use backend='eager', 'torch' or 'auto' for float masks"
         )
     if q.dim() != 4 or mask.dim() > 4 or mask.dim() < 1:
-        raise ValueError(
+        raise AttnlabInputError(
             what + f"got a mask of shape {tuple(mask.shape)} for q of shape {tuple(q.shape)} "
             "(the flash backend takes masks with 4-D q of shape (batch, heads, num_queries, d))"
         )
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (B|1, H|1, T_q|1, T_k|1)
     if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[3] not in (1, t_k) or m.shape[0] not in (1, q.shape[0]):
-        raise ValueError(
+        raise AttnlabInputError(
             what + f"got a mask of shape {tuple(mask.shape)} (batch={q.shape[0]}, num_keys={t_k}), which "
             "varies over heads or queries; use backend='eager', 'torch' or 'auto' for such masks"
         )
@@ -243,6 +247,32 @@ BACKENDS: dict[str, AttentionFn] = {
 }
 
 
+@dataclass(frozen=True)
+class Takes:
+    """What a backend reads besides q, k, v, causal, window and a key padding mask.
+
+    general_masks  any bool mask (T_q x T_k), query/key positions and a score bias (a float mask, ALiBi):
+                   the mask description is handed over as one dense tensor (:meth:`MaskSpec.dense`);
+                   False: only the parts that have a tile form (the flash kernel's tile plan);
+    weights        ``need_weights=True``;
+    softcap        ``softcap=`` (a score mod).
+    """
+
+    general_masks: bool = True
+    weights: bool = False
+    softcap: bool = False
+
+
+#: What each backend takes; "auto" picks among the ones that take the call (never "flash", whose speed is
+#: in skipped tiles, not in what a dense call offers). Registered backends take what "torch" takes.
+TAKES: dict[str, Takes] = {
+    "eager": Takes(weights=True, softcap=True),
+    "torch": Takes(),
+    "flash": Takes(general_masks=False),
+}
+_TAKES_NOTE = "attnlab.backends.TAKES lists what each backend takes"
+
+
 def register(name: str, fn: AttentionFn, *, replace: bool = False) -> None:
     """Add a backend: ``fn(q, k, v, *, mask, causal, window, scale, dropout_p, training) -> out``, with
     q (B, H, T_q, d_k), k (B, H_kv, T_k, d_k), v (B, H_kv, T_k, d_v) and out (B, H, T_q, d_v); mask bool
@@ -252,22 +282,22 @@ def register(name: str, fn: AttentionFn, *, replace: bool = False) -> None:
     with :func:`attnlab.testing.assert_same_function`. ``replace=True`` replaces a backend registered
     before under the same name (the built-in ones cannot be replaced)."""
     if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"name must be a non-empty str other than 'auto', got {name!r}")
+        raise AttnlabInputError(f"name must be a non-empty str other than 'auto', got {name!r}")
     if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        raise AttnlabInputTypeError(f"fn must be callable, got {type(fn).__name__}")
     if name in _BUILTIN:
-        raise ValueError(f"{name!r} is a built-in backend and cannot be replaced; register under another name")
+        raise AttnlabInputError(f"{name!r} is a built-in backend and cannot be replaced; register under another name")
     if name in BACKENDS and not replace:
-        raise ValueError(f"a backend named {name!r} is already registered; pass replace=True to replace it")
+        raise AttnlabInputError(f"a backend named {name!r} is already registered; pass replace=True to replace it")
     BACKENDS[name] = fn
 
 
 def unregister(name: str) -> None:
     """Remove a backend added with :func:`register`."""
     if name in _BUILTIN:
-        raise ValueError(f"{name!r} is a built-in backend and cannot be removed")
+        raise AttnlabInputError(f"{name!r} is a built-in backend and cannot be removed")
     if name not in BACKENDS:
-        raise ValueError(f"no backend named {name!r} is registered; registered: {sorted(BACKENDS)}")
+        raise AttnlabInputError(f"no backend named {name!r} is registered; registered: {sorted(BACKENDS)}")
     del BACKENDS[name]
 
 
@@ -290,10 +320,10 @@ def resolve(
     the call's arguments and device only, never on tensor values. (The keywords of earlier versions,
     ``mask``, ``causal``, ``t_q``, ``t_k``, are still accepted and no longer matter.)"""
     if backend not in BACKENDS and backend != "auto":
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+        raise AttnlabInputError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
     if need_weights:
         if backend not in ("auto", "eager"):
-            raise ValueError(f"need_weights=True needs backend='eager' or 'auto', got {backend!r}")
+            raise AttnlabInputError(f"need_weights=True needs backend='eager' or 'auto', got {backend!r}")
         return "eager"
     if backend != "auto":
         return backend
@@ -316,50 +346,55 @@ def _check_call(q: object, k: object, v: object, causal: object, window: object,
         return  # the usual call, valid: skip the checks below, which say what is wrong
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise AttnlabInputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{name} must have at least 2 dimensions (..., num_tokens, d), e.g. (batch, heads, "
                 f"num_tokens, head_dim), got shape {tuple(t.shape)}"
             )
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
+        raise AttnlabInputTypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+        raise AttnlabInputError(f"window must be None or an int >= 1, got {window!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise AttnlabInputError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
-def _document_allowed(document_ids: object, q: Tensor, k: Tensor) -> Tensor:
-    """Validate ``document_ids`` and turn them into the dense bool mask of the non-flash backends:
-    (T, T) for ids (T,), else (B|1, 1, ..., T, T) with q's leading dims after the batch as 1s."""
+def _check_documents(document_ids: Tensor, q: Tensor, k: Tensor) -> None:
+    """``document_ids`` of a call: integer (B, T) / (1, T) / (T,), T = T_q = T_k, on q's device."""
     if not isinstance(document_ids, Tensor):
-        raise TypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
+        raise AttnlabInputTypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
     if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
-        raise TypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
+        raise AttnlabInputTypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
     if document_ids.device != q.device:
-        raise ValueError(f"document_ids must be on the device of q ({q.device}), got {document_ids.device}")
+        raise AttnlabInputError(f"document_ids must be on the device of q ({q.device}), got {document_ids.device}")
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q != t_k:
-        raise ValueError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
+        raise AttnlabInputError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
     batch = q.shape[0] if q.dim() >= 3 else 1
     shape = tuple(document_ids.shape)
     if shape not in ((batch, t_q), (1, t_q), (t_q,)):
-        raise ValueError(f"document_ids must have shape ({batch}, {t_q}) (batch, tokens) or ({t_q},), got {shape}")
-    if document_ids.dim() == 1:
-        return document_mask(document_ids)  # (T, T)
-    allowed = document_mask(document_ids)  # (B|1, 1, T, T)
-    lead = max(q.dim(), k.dim()) - 2  # the leading dims of the scores
-    return allowed.reshape((allowed.shape[0],) + (1,) * (lead - 1) + (t_q, t_q))  # (B|1, 1, ..., T, T)
+        raise AttnlabInputError(f"document_ids must have shape ({batch}, {t_q}) (batch, tokens) or ({t_q},), got {shape}")
 
 
-def _with_documents(mask: Tensor | None, allowed: Tensor) -> Tensor:
-    """``mask`` AND the document mask: bool masks combine with &, a float mask gets -inf across documents."""
-    if mask is None:
-        return allowed
-    if mask.dtype == torch.bool:
-        return mask & allowed  # (..., T_q, T_k)
-    return mask.masked_fill(~allowed, float("-inf"))  # (..., T_q, T_k)
+def _dense(spec: MaskSpec, bias: Tensor | None, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool, int | None]:
+    """A mask description (and score bias) as the ``(mask, causal, window)`` of a backend that reads a dense
+    mask: causal/window stay flags when aligned by index (the kernels build or skip them), the rest is one
+    bool mask, or with a bias one float mask (-inf where hidden). Checked once here."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    causal, window = spec.by_index
+    if spec.document_ids is not None:
+        _check_documents(spec.document_ids, q, k)
+    if spec.allowed is not None:
+        F.check_mask(spec.allowed, t_q, t_k)
+    if bias is not None:
+        F.check_mask(bias, t_q, t_k, name="bias")
+    allowed = None
+    if spec.has_tensors:
+        allowed = spec.dense(t_q, t_k, lead=max(q.dim(), k.dim()) - 2, device=q.device, flags=False)
+    if bias is None or allowed is None:
+        return (bias if allowed is None else allowed), causal, window
+    return F.mask_before_softmax(bias, allowed), causal, window  # (..., T_q, T_k) float
 
 
 def _reference_lse(q: Tensor, k: Tensor, *, mask: Tensor | None, causal: bool, window: int | None,
@@ -372,9 +407,9 @@ def _reference_lse(q: Tensor, k: Tensor, *, mask: Tensor | None, causal: bool, w
 def _softcap_backend(backend: str, softcap: object, return_lse: bool) -> str:
     """The backend for a call with ``softcap``: "eager" (also for "auto"); a clear error otherwise."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 < softcap < float("inf"):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+        raise AttnlabInputError(f"softcap must be None or a positive finite float, got {softcap!r}")
     if backend not in ("auto", "eager") or return_lse:
-        raise ValueError(f"softcap (score capping, softcap * tanh(score / softcap)) is computed by backend='eager' "
+        raise AttnlabInputError(f"softcap (score capping, softcap * tanh(score / softcap)) is computed by backend='eager' "
                          f"only (and 'auto', which picks it), without return_lse; got backend={backend!r}"
                          + (", return_lse=True" if return_lse else ""))
     return "eager"
@@ -386,7 +421,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | MaskSpec | None = None,
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
@@ -397,6 +432,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: Literal[False] = False,
+    bias: Tensor | None = None,
 ) -> Tensor: ...
 
 
@@ -406,7 +442,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | MaskSpec | None = None,
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
@@ -417,6 +453,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: Literal[False] = False,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -426,7 +463,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | MaskSpec | None = None,
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
@@ -437,6 +474,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: Literal[True],
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -446,7 +484,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | MaskSpec | None = None,
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
@@ -457,6 +495,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -465,7 +504,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    mask: Tensor | None = None,
+    mask: Tensor | MaskSpec | None = None,
     causal: bool = False,
     window: int | None = None,
     scale: float | None = None,
@@ -476,12 +515,18 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention through the chosen backend. q (B, H, T_q, d_k), k (B, H_kv, T_k, d_k),
     v (B, H_kv, T_k, d_v); any other leading layout that broadcasts works too, on every backend (e.g. K/V
     of batch 1 shared by every query batch row, or 3-D (B, T, d) tensors). Returns ``out``
     (..., T_q, d_v); ``(out, weights)`` with weights (..., T_q, T_k) when ``need_weights`` (eager only);
     ``(out, lse)`` with lse (..., T_q) when ``return_lse`` (see the module docstring).
+
+    mask: None; a bool tensor (True = may attend) or a float one (added to the scores), broadcastable to
+    (..., T_q, T_k); or an :class:`attnlab.masks.MaskSpec`, the mask description (AND'ed with ``causal``,
+    ``window`` and ``document_ids``). bias: None or a float tensor added to the scores (a positional bias
+    such as ALiBi), broadcastable to (..., T_q, T_k).
 
     document_ids: None, or integer ids of the packed documents, shape (B, T) or (T,) with
     ``T = T_q = T_k`` and ``B = q.shape[0]``: a query attends only the keys of its own document (AND'ed
@@ -491,45 +536,44 @@ def attention(
     (every row without a mask), as in ``torch.nn.MultiheadAttention``."""
     _check_call(q, k, v, causal, window, dropout_p)
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+        raise AttnlabInputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
     if need_weights and return_lse:
-        raise ValueError("need_weights=True and return_lse=True cannot be combined; ask for one of them "
-                         "(the lse is torch.logsumexp of the masked scores the weights come from)")
+        raise AttnlabInputError("need_weights=True and return_lse=True cannot be combined; ask for one of them "
+                                "(the lse is torch.logsumexp of the masked scores the weights come from)")
     name = resolve(backend, dropout_p=dropout_p, training=training, need_weights=need_weights, device=q.device)
     if softcap is not None:  # a score mod only the eager reference has ("auto" picks it)
         name = _softcap_backend(backend, softcap, return_lse)
-    if document_ids is not None and name != "flash":
-        mask = _with_documents(mask, _document_allowed(document_ids, q, k))  # (..., T_q, T_k)
-    if need_weights:
+    spec, dense, float_mask = None, None, None
+    if mask is not None or document_ids is not None or bias is not None:  # else the common call: flags only
+        spec, float_mask = MaskSpec.describe(mask, causal=causal, window=window, document_ids=document_ids)
+        if float_mask is not None:
+            F.check_mask(float_mask, q.shape[-2], k.shape[-2])
+        bias = float_mask if bias is None else (bias if float_mask is None else float_mask + bias)
+    if name == "flash":
+        F.check_qkv(q, k, v)
+        if float_mask is not None:
+            _key_padding_from_mask(float_mask, q, k)  # refuses it, saying which masks the kernel takes
+        out, lse = _flash_with_lse(q, k, v, spec or MaskSpec(causal=causal, window=window), bias, scale=scale,
+                                   dropout_p=dropout_p, training=training)
+        return (out, lse) if return_lse else out
+    if spec is not None:  # the description, converted once for a backend that reads a dense mask
+        dense, causal, window = _dense(spec, bias, q, k)
+    if need_weights or softcap is not None:
         return F.scaled_dot_product_attention(
-            q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p,
-            training=training, return_weights=True, softcap=softcap,
+            q, k, v, mask=dense, causal=causal, window=window, scale=scale, dropout_p=dropout_p,
+            training=training, return_weights=need_weights, softcap=softcap,
         )
-    if softcap is not None:
-        return F.scaled_dot_product_attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                                              dropout_p=dropout_p, training=training, softcap=softcap)
     if name == "torch":  # the common path: checked once here, then straight to the kernel
         groups = F.check_qkv(q, k, v)  # kv_groups(q, k)
-        if mask is not None:
-            F.check_mask(mask, q.shape[-2], k.shape[-2])
-        out = _torch_sdpa_grouped(q, k, v, groups, mask=mask, causal=causal, window=window, scale=scale,
+        out = _torch_sdpa_grouped(q, k, v, groups, mask=dense, causal=causal, window=window, scale=scale,
                                   dropout_p=dropout_p, training=training)  # (..., T_q, d_v)
-        if not return_lse:
-            return out
-        return out, _reference_lse(q, k, mask=mask, causal=causal, window=window, scale=scale,
-                                   out_shape=tuple(out.shape[:-1]))  # (..., T_q)
-    if name != "eager":
-        F.check_qkv(q, k, v)  # the eager reference checks its own inputs
-        if mask is not None:
-            F.check_mask(mask, q.shape[-2], k.shape[-2])
-    if name == "flash":
-        out, lse = _flash_with_lse(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                                   dropout_p=dropout_p, training=training, document_ids=document_ids)
-        return (out, lse) if return_lse else out
-    out = BACKENDS[name](
-        q, k, v, mask=mask, causal=causal, window=window, scale=scale, dropout_p=dropout_p, training=training
-    )  # (..., T_q, d_v)
+    else:
+        if name != "eager":
+            F.check_qkv(q, k, v)  # the eager reference checks its own inputs
+        out = BACKENDS[name](
+            q, k, v, mask=dense, causal=causal, window=window, scale=scale, dropout_p=dropout_p, training=training
+        )  # (..., T_q, d_v)
     if not return_lse:
         return out
-    return out, _reference_lse(q, k, mask=mask, causal=causal, window=window, scale=scale,
+    return out, _reference_lse(q, k, mask=dense, causal=causal, window=window, scale=scale,
                                out_shape=tuple(out.shape[:-1]))  # (..., T_q)

@@ -56,31 +56,40 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CacheStep", "KVCache", "LayerCaches", "RollingKVCache", "step_mask"]
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.masks import MaskSpec, flags_spec
+
+__all__ = ["CacheStep", "KVCache", "LayerCaches", "RollingKVCache", "step_mask", "step_spec"]
 
 
 def step_mask(
     query_positions: Tensor, key_positions: Tensor, key_padding: Tensor, *, window: int | None = None
 ) -> Tensor:
-    """The attention mask of one cached step, bool True = may attend, (B, 1, T, S).
+    """The attention mask of one cached step, bool True = may attend, (B, 1, T, S): the dense form of
+    :func:`step_spec` (which is what the cache hands to attention).
 
     query_positions (T,) or (B, T) long; key_positions (S,) or (B, S) long, -1 = empty slot; key_padding
     (B, S) bool, True = padding. Query ``i`` sees key ``j`` iff the slot is filled, ``j <= i``,
     ``j > i - window`` (when ``window``) and the key is not padding. A query that sees no key (a padding
     query at the start of a left-padded row) gets a context vector of zeros from every backend.
     """
-    q = query_positions[..., :, None]  # (T, 1) or (B, T, 1)
-    k = key_positions[..., None, :]  # (1, S) or (B, 1, S)
-    allowed = (k >= 0) & (k <= q)  # (T, S) or (B, T, S)
-    if window is not None:
-        allowed = allowed & (k > q - window)  # (T, S) or (B, T, S)
-    allowed = allowed & ~key_padding[:, None, :]  # (B, T, S)
-    return allowed[:, None]  # (B, 1, T, S)
+    spec = step_spec(query_positions, key_positions, key_padding, window=window)
+    return cast(Tensor, spec.dense(query_positions.shape[-1], key_positions.shape[-1]))  # (B, 1, T, S)
+
+
+def step_spec(
+    query_positions: Tensor, key_positions: Tensor, key_padding: Tensor, *, window: int | None = None,
+    allowed: Tensor | None = None,
+) -> MaskSpec:
+    """The mask description of one cached step: causal (and ``window``) by position, empty slots and
+    padding hidden, and ``allowed`` (B|1, 1, T, S) among the new tokens when a step gives one."""
+    return MaskSpec(causal=True, window=window, query_positions=query_positions, key_positions=key_positions,
+                    key_padding=key_padding, allowed=allowed)
 
 
 @dataclass
@@ -88,12 +97,13 @@ class CacheStep:
     """What a cache hands to attention for one step.
 
     keys (B, H_kv, S, d), values (B, H_kv, S, d_v) or None (a latent cache stores keys only),
-    mask (B, 1, T, S) bool True = may attend, positions (B, T) the new tokens' positions,
-    key_positions (B, S) (-1 = empty) and key_padding (B, S) True = padding, in slot order.
+    spec the step's :class:`~attnlab.masks.MaskSpec` (``mask`` its dense form (B, 1, T, S), bool True =
+    may attend), positions (B, T) the new tokens' positions, key_positions (B, S) (-1 = empty) and
+    key_padding (B, S) True = padding, in slot order.
 
     ``prefix=True`` (a trimmed step, ``KVCache.update(..., trim=True)``): S is the number of filled
     slots, every row's keys are its tokens in position order with no padding, and the mask is exactly
-    causal (bottom-right) among the T new tokens: ``causal=T > 1`` with no mask describes the step, which
+    causal (bottom-right) among the T new tokens: ``spec`` is ``MaskSpec(causal=T > 1)``, no tensor, which
     is what attention is handed. ``mask``, ``key_positions`` and ``key_padding`` are then views of the
     cache's bookkeeping made (the mask built) only when read: read them before the cache changes again,
     as ``keys``.
@@ -101,11 +111,12 @@ class CacheStep:
 
     keys: Tensor
     values: Tensor | None
-    _mask: Tensor | None
+    spec: MaskSpec
     positions: Tensor
     _key_positions: Tensor  # prefix: the cache's (B, max_tokens) buffer, cut to the step's S slots on read
     _key_padding: Tensor
     prefix: bool = False
+    _mask: Tensor | None = None
 
     @property
     def key_positions(self) -> Tensor:
@@ -121,7 +132,8 @@ class CacheStep:
     def mask(self) -> Tensor:
         """(B, 1, T, S) bool, True = may attend."""
         if self._mask is None:
-            self._mask = step_mask(self.positions, self.key_positions, self.key_padding)  # (B, 1, T, S)
+            spec = step_spec(self.positions, self.key_positions, self.key_padding) if self.prefix else self.spec
+            self._mask = cast(Tensor, spec.dense(self.positions.shape[-1], self.keys.shape[2]))  # (B, 1, T, S)
         return self._mask
 
     def ordered(
@@ -152,7 +164,7 @@ class CacheStep:
 
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise AttnlabInputError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
@@ -181,9 +193,9 @@ class _SlotCache(nn.Module):
         for name, value in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             _positive_int(name, value)
         if value_dim is not None and (isinstance(value_dim, bool) or not isinstance(value_dim, int) or value_dim < 0):
-            raise ValueError(f"value_dim must be None (= head_dim), 0 (no values) or a positive int, got {value_dim!r}")
+            raise AttnlabInputError(f"value_dim must be None (= head_dim), 0 (no values) or a positive int, got {value_dim!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+            raise AttnlabInputTypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         value_dim = head_dim if value_dim is None else value_dim
         self.batch_size, self.num_kv_heads, self.head_dim, self.value_dim = batch_size, num_kv_heads, head_dim, value_dim
         b = batch_size
@@ -244,7 +256,7 @@ class _SlotCache(nn.Module):
         self._host_length, self._host_exact, self._plain = 0, True, True
         self._seen = _version(self.lengths)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._host_exact = self._plain = False  # the loaded counts are unknown on the host
 
@@ -257,7 +269,7 @@ class _SlotCache(nn.Module):
         if self.owner is None:
             self.owner = id(layer)
         elif self.owner != id(layer):
-            raise ValueError(
+            raise AttnlabInputError(
                 f"this {type(self).__name__} already belongs to another layer: a cache holds one layer's keys and "
                 "values, so give every layer its own (attnlab.cache.LayerCaches.for_model(model, batch_size, "
                 "max_tokens) makes one per attention layer)"
@@ -272,22 +284,22 @@ class _SlotCache(nn.Module):
         if key_padding_mask is None:
             pad = torch.zeros(b, t, dtype=torch.bool, device=keys.device)  # (B, T)
         elif not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor (True = padding), got "
+            raise AttnlabInputTypeError("key_padding_mask must be a bool tensor (True = padding), got "
                             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
         elif tuple(key_padding_mask.shape) != (b, t):
-            raise ValueError(f"with a cache, key_padding_mask covers the new tokens only: shape (batch, T) = "
+            raise AttnlabInputError(f"with a cache, key_padding_mask covers the new tokens only: shape (batch, T) = "
                              f"{(b, t)}, got {tuple(key_padding_mask.shape)}")
         else:
             pad = key_padding_mask
         if positions is None:
             return pad, self.positions(t)  # (B, T)
         if not isinstance(positions, Tensor) or positions.dtype not in (torch.int32, torch.int64):
-            raise TypeError("position_ids must be an integer tensor (batch, T) or (T,), got "
+            raise AttnlabInputTypeError("position_ids must be an integer tensor (batch, T) or (T,), got "
                             f"{getattr(positions, 'dtype', type(positions).__name__)}")
         if positions.dim() == 1:
             positions = positions[None].expand(b, -1)  # (B, T)
         if tuple(positions.shape) != (b, t):
-            raise ValueError(f"position_ids must have shape (batch, T) = {(b, t)} or (T,), got {tuple(positions.shape)}")
+            raise AttnlabInputError(f"position_ids must have shape (batch, T) = {(b, t)} or (T,), got {tuple(positions.shape)}")
         return pad, positions.to(device=keys.device, dtype=torch.long)  # (B, T)
 
     def _check_kv(self, keys: Tensor, values: Tensor | None) -> None:
@@ -296,30 +308,32 @@ class _SlotCache(nn.Module):
         t = keys.shape[-2] if isinstance(keys, Tensor) and keys.dim() == 4 else 0
         if not isinstance(keys, Tensor) or tuple(keys.shape) != (b, h, t, self.head_dim) or t < 1:
             got = tuple(keys.shape) if isinstance(keys, Tensor) else type(keys).__name__
-            raise ValueError(f"keys must have shape (batch, num_kv_heads, T >= 1, head_dim) = ({b}, {h}, T, "
+            raise AttnlabInputError(f"keys must have shape (batch, num_kv_heads, T >= 1, head_dim) = ({b}, {h}, T, "
                              f"{self.head_dim}) for this cache, got {got}")
         if keys.dtype != self.keys.dtype or keys.device != self.keys.device:
             advice = f"new_cache(..., dtype={keys.dtype})" if keys.device == self.keys.device else "the module's device"
-            raise TypeError(f"keys are {keys.dtype} on {keys.device}, the cache holds {self.keys.dtype} on "
+            raise AttnlabInputTypeError(f"keys are {keys.dtype} on {keys.device}, the cache holds {self.keys.dtype} on "
                             f"{self.keys.device}: build the cache with the dtype the keys have (under autocast: "
                             f"the autocast dtype), e.g. {advice}")
         if (values is None) != (self.values is None):
-            raise ValueError(f"this cache {'stores' if self.values is not None else 'does not store'} values "
+            raise AttnlabInputError(f"this cache {'stores' if self.values is not None else 'does not store'} values "
                              f"(value_dim={self.value_dim}), got values={'None' if values is None else 'a tensor'}")
         if values is not None and tuple(values.shape) != (b, h, t, self.value_dim):
-            raise ValueError(f"values must have shape {(b, h, t, self.value_dim)}, got {tuple(values.shape)}")
+            raise AttnlabInputError(f"values must have shape {(b, h, t, self.value_dim)}, got {tuple(values.shape)}")
 
-    def _check_attn_mask(self, attn_mask: Tensor | None, t: int) -> Tensor | None:
-        """attn_mask among the new tokens, bool (T, T) or (B, T, T), as (B|1, 1, T, T)."""
+    def check_attn_mask(self, attn_mask: Tensor | None, t: int) -> Tensor | None:
+        """attn_mask among the ``t`` new tokens, bool (T, T), (B, T, T) or (B, 1, T, T), as (B|1, 1, T, T)."""
         if attn_mask is None:
             return None
         if not isinstance(attn_mask, Tensor) or attn_mask.dtype != torch.bool:
-            raise TypeError("with a cache, attn_mask must be a bool tensor (True = may attend) among the new tokens, "
+            raise AttnlabInputTypeError("with a cache, attn_mask must be a bool tensor (True = may attend) among the new tokens, "
                             f"got {getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+        if attn_mask.dim() == 4 and attn_mask.shape[1] == 1:
+            attn_mask = attn_mask[:, 0]  # (B|1, T, T)
         if attn_mask.dim() == 2:
             attn_mask = attn_mask[None]  # (1, T, T)
         if attn_mask.dim() != 3 or attn_mask.shape[1:] != (t, t) or attn_mask.shape[0] not in (1, self.batch_size):
-            raise ValueError(f"with a cache, attn_mask says how the {t} new tokens see each other: shape (T, T) or "
+            raise AttnlabInputError(f"with a cache, attn_mask says how the {t} new tokens see each other: shape (T, T) or "
                              f"(batch, T, T) = ({self.batch_size}, {t}, {t}), got {tuple(attn_mask.shape)}")
         return attn_mask[:, None]  # (B|1, 1, T, T)
 
@@ -335,7 +349,7 @@ class _SlotCache(nn.Module):
             self._host_length = int(self.lengths.max())  # loose after a per-row truncate, stale after compiled steps
             self._host_exact = True
             if self._host_length + t > self.slots:
-                raise ValueError(self._full_message(self._host_length, t))
+                raise AttnlabInputError(self._full_message(self._host_length, t))
 
     def _full_message(self, cached: object, t: int) -> str:
         return (f"the cache is full: {cached} tokens cached + {t} new > max_tokens={self.slots}; build it with a "
@@ -390,14 +404,14 @@ class _SlotCache(nn.Module):
         b = self.batch_size
         if isinstance(n, Tensor):
             if n.dtype not in (torch.int32, torch.int64) or tuple(n.shape) not in ((b,), ()):
-                raise ValueError(f"n must be an int or an integer tensor of shape (batch,) = ({b},), got "
+                raise AttnlabInputError(f"n must be an int or an integer tensor of shape (batch,) = ({b},), got "
                                  f"{n.dtype} {tuple(n.shape)}")
             keep = n.to(device=self.keys.device, dtype=torch.long).expand(b)  # (B,)
             if bool((keep < 0).any()):
-                raise ValueError(f"n must be >= 0 in every row, got {n.tolist()}")
+                raise AttnlabInputError(f"n must be >= 0 in every row, got {n.tolist()}")
             self._plain = False  # rows may now differ in length
         elif isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an int >= 0 or a (batch,) tensor, got {n!r}")
+            raise AttnlabInputError(f"n must be an int >= 0 or a (batch,) tensor, got {n!r}")
         else:
             keep = torch.full((b,), n, dtype=torch.long, device=self.keys.device)  # (B,)
             self._host_length = min(self._host_length, n)
@@ -416,7 +430,7 @@ class _SlotCache(nn.Module):
             self.truncate((self.lengths - count.to(self.lengths.device)).clamp(min=0))
         else:
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise ValueError(f"count must be an int >= 0 or a (batch,) tensor, got {count!r}")
+                raise AttnlabInputError(f"count must be an int >= 0 or a (batch,) tensor, got {count!r}")
             if self._plain:  # every row holds _host_length tokens: the same cut, known on the host
                 self.truncate(max(self._host_length - count, 0))
             else:
@@ -474,7 +488,7 @@ class KVCache(_SlotCache):
             self._plain = self._plain and positions is None and key_padding_mask is None
         pad, positions = self._check(keys, values, key_padding_mask, positions)  # (B, T), (B, T)
         t = keys.shape[-2]
-        among_new = self._check_attn_mask(attn_mask, t)  # (B|1, 1, T, T) or None
+        among_new = self.check_attn_mask(attn_mask, t)  # (B|1, 1, T, T) or None
         self._check_room(t)
         slots = self.lengths[:, None] + torch.arange(t, device=keys.device)  # (B, T)
         written = self._write(self.keys, slots, keys)  # (B, H_kv, S, d)
@@ -485,12 +499,14 @@ class KVCache(_SlotCache):
             if written is not self.values:
                 self.values = written
         self._record(slots, positions, pad, t)
-        mask = step_mask(positions, self.key_positions, self.key_padding, window=window)  # (B, 1, T, S)
-        if among_new is not None:
-            allowed = torch.ones_like(mask)  # (B, 1, T, S)
+        allowed = None
+        if among_new is not None:  # how the new tokens see each other, in their slots
+            b, s = self.key_positions.shape
+            allowed = torch.ones(b, 1, t, s, dtype=torch.bool, device=keys.device)  # (B, 1, T, S)
             index = slots[:, None, None, :].expand(-1, 1, t, -1)  # (B, 1, T, T)
-            mask = mask & allowed.scatter(3, index, among_new.expand(mask.shape[0], -1, -1, -1))  # (B, 1, T, S)
-        return CacheStep(self.keys, self.values, mask, positions, self.key_positions, self.key_padding)
+            allowed = allowed.scatter(3, index, among_new.expand(b, -1, -1, -1))  # (B, 1, T, S)
+        spec = step_spec(positions, self.key_positions, self.key_padding, window=window, allowed=allowed)
+        return CacheStep(self.keys, self.values, spec, positions, self.key_positions, self.key_padding)
 
     def _append(self, keys: Tensor, values: Tensor | None, window: int | None) -> CacheStep | None:
         """``update``'s trimmed step (the cache is plain: every row holds ``_host_length`` tokens at positions
@@ -534,7 +550,7 @@ class KVCache(_SlotCache):
         return CacheStep(
             cache_keys.narrow(2, 0, n),  # (B, H_kv, n, d)
             None if cache_values is None else cache_values.narrow(2, 0, n),  # (B, H_kv, n, d_v)
-            None, positions, key_positions, cast(Tensor, buffers["key_padding"]), prefix=True,
+            flags_spec(t > 1, None), positions, key_positions, cast(Tensor, buffers["key_padding"]), prefix=True,
         )
 
 
@@ -575,7 +591,7 @@ class RollingKVCache(_SlotCache):
 
     def _truncate(self, keep: Tensor) -> None:
         if bool((self.lengths > self.window_size).any()):
-            raise ValueError(
+            raise AttnlabInputError(
                 f"a RollingKVCache cannot roll back once a row has more than window_size={self.window_size} "
                 "tokens (the older ones are overwritten); use a KVCache (new_cache(..., rolling=False)) for "
                 "speculative decoding with a sliding window"
@@ -590,20 +606,22 @@ class RollingKVCache(_SlotCache):
         pad, positions = self._check(keys, values, key_padding_mask, positions)  # (B, T), (B, T)
         window = self.window_size if window is None else window
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= self.window_size:
-            raise ValueError(f"a RollingKVCache of window_size={self.window_size} serves windows of at most "
+            raise AttnlabInputError(f"a RollingKVCache of window_size={self.window_size} serves windows of at most "
                              f"{self.window_size} tokens, got window={window!r}")
         t = keys.shape[-2]
-        among_new = self._check_attn_mask(attn_mask, t)  # (B|1, 1, T, T) or None
+        among_new = self.check_attn_mask(attn_mask, t)  # (B|1, 1, T, T) or None
         all_keys = torch.cat((self.keys, keys), dim=2)  # (B, H_kv, S + T, d)
         all_values = (
             None if values is None or self.values is None else torch.cat((self.values, values), dim=2)
         )  # (B, H_kv, S + T, d_v)
         key_positions = torch.cat((self.key_positions, positions), dim=1)  # (B, S + T)
         key_padding = torch.cat((self.key_padding, pad), dim=1)  # (B, S + T)
-        mask = step_mask(positions, key_positions, key_padding, window=window)  # (B, 1, T, S + T)
-        if among_new is not None:
-            new = mask[..., self.window_size:] & among_new  # (B, 1, T, T)
-            mask = torch.cat((mask[..., : self.window_size], new), dim=-1)  # (B, 1, T, S + T)
+        allowed = None
+        if among_new is not None:  # how the new tokens see each other: the last T of the S + T keys
+            b = key_positions.shape[0]
+            old = torch.ones(b, 1, t, self.window_size, dtype=torch.bool, device=keys.device)  # (B, 1, T, S)
+            allowed = torch.cat((old, among_new.expand(b, -1, -1, -1)), dim=-1)  # (B, 1, T, S + T)
+        spec = step_spec(positions, key_positions, key_padding, window=window, allowed=allowed)
 
         keep = slice(max(t - self.window_size, 0), t)  # the newest tokens that fit
         slots = (self.lengths[:, None] + torch.arange(keep.start, t, device=keys.device)) % self.window_size  # (B, kept)
@@ -615,7 +633,7 @@ class RollingKVCache(_SlotCache):
         self.lengths.add_(t)
         self.next_positions.copy_(positions.max(dim=1).values + 1)  # (B,)
         self._count_on_host(t)
-        return CacheStep(all_keys, all_values, mask, positions, key_positions, key_padding)
+        return CacheStep(all_keys, all_values, spec, positions, key_positions, key_padding)
 
 
 def _version(t: Tensor) -> int:
@@ -633,7 +651,7 @@ class LayerCaches(nn.ModuleList):
         super().__init__(list(caches))
         for i, cache in enumerate(self):
             if not isinstance(cache, _SlotCache):
-                raise TypeError(f"LayerCaches holds KVCache / RollingKVCache objects, item {i} is {type(cache).__name__}")
+                raise AttnlabInputTypeError(f"LayerCaches holds KVCache / RollingKVCache objects, item {i} is {type(cache).__name__}")
 
     @classmethod
     def for_model(
@@ -643,7 +661,7 @@ class LayerCaches(nn.ModuleList):
         """A cache for every submodule of ``model`` that has ``new_cache`` (attnlab's attention layers)."""
         layers = [m for m in model.modules() if callable(getattr(m, "new_cache", None)) and m is not model]
         if not layers:
-            raise ValueError(f"{type(model).__name__} has no attention layer with new_cache(); nothing to cache")
+            raise AttnlabInputError(f"{type(model).__name__} has no attention layer with new_cache(); nothing to cache")
         return cls(m.new_cache(batch_size, max_tokens, dtype=dtype, device=device) for m in layers)  # type: ignore[operator]
 
     def __iter__(self) -> Iterator[_SlotCache]:

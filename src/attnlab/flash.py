@@ -92,10 +92,11 @@ import numbers
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.functional import broadcast_shape, compute_dtype
 
 __all__ = ["TileMask", "Tile", "count_tiles", "flash_attention", "forward_with_lse", "backward_with_lse",
@@ -107,6 +108,8 @@ DEFAULT_BLOCK_K = 256
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOG2E = math.log2(math.e)
 _ACTIVE_COUNTERS: list[dict[str, int]] = []  # filled only inside ``count_tiles()``
+# The kernel's document ids: None, (B, T), or a pair ((B, T_q), (B, T_k)) of a block of a longer sequence.
+_KernelDocs = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
 
 SKIP, FULL, PARTIAL = 0, 1, 2  # the three kinds of tile
 
@@ -351,7 +354,8 @@ def _mix_seed(seed: int, q_block: int, k_block: int) -> int:
 
 
 def _dropout_keep_scale(
-    seed: int, q_block: int, k_block: int, shape: tuple[int, ...], p: float, dtype, device
+    seed: int, q_block: int, k_block: int, shape: tuple[int, ...], p: float, dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
     """``keep / (1 - p)`` for one tile, regenerated identically in forward and backward."""
     gen = torch.Generator(device=device)
@@ -555,7 +559,7 @@ def _from_rows(x: torch.Tensor, b: int, h: int, t: int) -> torch.Tensor:
     return x.reshape(b, h, t, f)  # (B, H, T, f)
 
 
-def _kernel_mask(padding: torch.Tensor | None, document_ids, causal: bool,
+def _kernel_mask(padding: torch.Tensor | None, document_ids: _KernelDocs, causal: bool,
                  window: int | None, t_q: int, t_k: int, h_kv: int) -> TileMask:
     """The TileMask of the kernel rows from the operator's padding (B, H_kv, T_k) and documents: (B, T), or
     a pair ((B, T_q), (B, T_k)) of the queries' and the keys' ids (a block of a longer sequence)."""
@@ -572,8 +576,10 @@ def _kernel_mask(padding: torch.Tensor | None, document_ids, causal: bool,
                     key_document_ids=key_docs)
 
 
-def _forward_impl(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k,
-                  count=True) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None,
+                  document_ids: _KernelDocs, seed: torch.Tensor | None, causal: bool, window: int | None,
+                  scale: float, dropout_p: float, block_q: int, block_k: int,
+                  count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, T_q, d), k (B, H_kv, T_k, d), v (B, H_kv, T_k, d_v) -> out (B, H, T_q, d_v) and the
     natural-log lse (B, H, T_q), both in the compute dtype."""
     b, h, t_q, _ = q.shape
@@ -599,8 +605,11 @@ def _forward_impl(q, k, v, padding, document_ids, seed, causal, window, scale, d
         return _from_rows(out, b, h, t_q), lse  # (B, H, T_q, d_v), (B, H, T_q)
 
 
-def _backward_impl(grad_out, q, k, v, out, lse, padding, document_ids, seed, causal, window, scale, dropout_p,
-                   block_q, block_k, count=True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, padding: torch.Tensor | None, document_ids: _KernelDocs,
+                   seed: torch.Tensor | None, causal: bool, window: int | None, scale: float, dropout_p: float,
+                   block_q: int, block_k: int,
+                   count: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients (dq, dk, dv) in the compute dtype, shapes of q, k, v; ``lse`` natural-log (B, H, T_q)."""
     b, h, t_q, d = q.shape
     h_kv, t_k, d_v = k.shape[1], k.shape[2], v.shape[3]
@@ -644,7 +653,10 @@ def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.
 
 
 @_flash_op.register_fake
-def _flash_op_fake(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k):
+def _flash_op_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None,
+                   document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, window: int | None,
+                   scale: float, dropout_p: float, block_q: int,
+                   block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, t_q, _ = q.shape
     out = q.new_empty(b, h, t_q, v.shape[3])  # (B, H, T_q, d_v)
     return out, q.new_empty((b, h, t_q), dtype=compute_dtype(q.dtype))  # (B, H, T_q)
@@ -663,13 +675,16 @@ def _flash_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 @_flash_backward_op.register_fake
-def _flash_backward_op_fake(grad_out, q, k, v, out, lse, padding, document_ids, seed, causal, window, scale,
-                            dropout_p, block_q, block_k):
+def _flash_backward_op_fake(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, padding: torch.Tensor | None,
+                            document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool,
+                            window: int | None, scale: float, dropout_p: float, block_q: int,
+                            block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # contiguous, as the real implementation returns them (not empty_like: q may be a strided view)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
     q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, padding, document_ids, seed)
@@ -677,7 +692,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx: Any, grad_out: torch.Tensor,
+              grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     q, k, v, out, lse, padding, document_ids, seed = ctx.saved_tensors
     dq, dk, dv = _flash_backward_op(grad_out.contiguous(), q, k, v, out, lse, padding, document_ids, seed,
                                     *ctx.args)
@@ -705,17 +721,18 @@ class _Inputs(NamedTuple):
     fold: tuple[int, int, int] | None  # (B, H_kv, G) when K/V of batch 1 serve every query batch row
 
 
-def _check_tensor(name: str, t) -> None:
+def _check_tensor(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise AttnlabInputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _SUPPORTED:
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+        raise AttnlabInputTypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {t.dtype}")
     if t.dim() < 2:
-        raise ValueError(f"{name} must have at least 2 dims (..., T, d), got shape {tuple(t.shape)}")
+        raise AttnlabInputError(f"{name} must have at least 2 dims (..., T, d), got shape {tuple(t.shape)}")
 
 
-def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def _autocast(q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Under torch.autocast, attention runs in the autocast dtype (as torch's own SDPA does)."""
     device = q.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
@@ -724,7 +741,9 @@ def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     return q, k, v
 
 
-def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale, broadcast=True) -> _Inputs:
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
+             document_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None, scale: float | None,
+             broadcast: bool = True) -> _Inputs:
     """Check the inputs and bring them to the operator's layout (views where possible; a K/V of batch 1
     against a larger query batch is folded into the query rows instead of being copied per batch row)."""
     _check_tensor("q", q)
@@ -734,25 +753,25 @@ def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale, 
     shapes = {"q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape)}
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
+            raise AttnlabInputTypeError(f"{name} must have the same dtype as q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
+            raise AttnlabInputError(f"{name} must be on the same device as q ({q.device}), got {t.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k must have the feature dim of q, expected k.shape[-1]={q.shape[-1]}, "
+        raise AttnlabInputError(f"k must have the feature dim of q, expected k.shape[-1]={q.shape[-1]}, "
                          f"got {k.shape[-1]} (q.shape={shapes['q']}, k.shape={shapes['k']})")
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"v must have as many rows as k, expected v.shape[-2]={k.shape[-2]}, "
+        raise AttnlabInputError(f"v must have as many rows as k, expected v.shape[-2]={k.shape[-2]}, "
                          f"got {v.shape[-2]} (k.shape={shapes['k']}, v.shape={shapes['v']})")
     if q.shape[-1] == 0:
-        raise ValueError("q must have a feature dim d >= 1, got d=0")
+        raise AttnlabInputError("q must have a feature dim d >= 1, got d=0")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
+        raise AttnlabInputTypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an int >= 1 (keys seen by each query), got {window!r}")
+        raise AttnlabInputError(f"window must be None or an int >= 1 (keys seen by each query), got {window!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite real number or None, got {scale!r}")
+        raise AttnlabInputError(f"scale must be a finite real number or None, got {scale!r}")
 
     n = max(q.dim(), k.dim(), v.dim())
     hq, hk, hv = (t.shape[-3] if t.dim() >= 3 else 1 for t in (q, k, v))
@@ -770,7 +789,7 @@ def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale, 
 
     def refuse(name: str) -> ValueError:
         lead_q = shapes["q"][:-2]
-        return ValueError(
+        return AttnlabInputError(
             f"{name} must have the leading dims of q, expected {lead_q} or a number of key/value heads dividing "
             f"H={hq} (grouped-query attention)" + (" or sizes of 1 that broadcast" if broadcast else "")
             + f", got {shapes[name][:-2]} ({name}.shape={shapes[name]}, q.shape={shapes['q']})")
@@ -799,7 +818,7 @@ def _prepare(q, k, v, *, causal, window, document_ids, key_padding_mask, scale, 
     out_lead = out_lead[len(out_lead) - (n - 2):] if n > 2 else ()  # the caller's layout: eager's output dims
     padding, pad_per_batch = _prepare_padding(key_padding_mask, q.device, out_lead, t_k, b, h, hk, has_heads)
     docs = _prepare_documents(document_ids, q.device, out_lead, t_q, t_k, b, has_heads)
-    doc_per_batch = docs is not None and document_ids.dim() == 2 and document_ids.shape[0] > 1
+    doc_per_batch = document_ids is not None and document_ids.dim() == 2 and document_ids.shape[0] > 1
     q4 = qc.expand(batch + tuple(qc.shape[-3:])).reshape(b, h, t_q, q.shape[-1])  # (B, H, T_q, d)
     fold = None
     if b > 1 and math.prod(bk) == 1 and math.prod(bv) == 1 and not pad_per_batch and not doc_per_batch:
@@ -829,17 +848,18 @@ def _unfold(x: torch.Tensor, fold: tuple[int, int, int] | None) -> torch.Tensor:
     return x.reshape((b, h_kv * g) + rest)  # (B, H, T_q, ...)
 
 
-def _prepare_padding(mask, device, lead: tuple, t_k, b, h, h_kv, has_heads) -> tuple[torch.Tensor | None, bool]:
+def _prepare_padding(mask: torch.Tensor | None, device: torch.device, lead: tuple, t_k: int, b: int, h: int,
+                     h_kv: int, has_heads: bool) -> tuple[torch.Tensor | None, bool]:
     """Validate ``key_padding_mask`` and bring it to (B, H_kv, T_k) (an expanded view); also say whether it
     varies over the batch (then K/V of batch 1 cannot be folded into the query rows)."""
     if mask is None:
         return None, False
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+        raise AttnlabInputTypeError(f"key_padding_mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must have dtype torch.bool (True = padding), got {mask.dtype}")
+        raise AttnlabInputTypeError(f"key_padding_mask must have dtype torch.bool (True = padding), got {mask.dtype}")
     if mask.device != device:
-        raise ValueError(f"key_padding_mask must be on the device of q ({device}), got {mask.device}")
+        raise AttnlabInputError(f"key_padding_mask must be on the device of q ({device}), got {mask.device}")
     full = lead + (t_k,)
     per_batch = (lead[0], t_k) if lead else (t_k,)
     m = mask
@@ -849,13 +869,13 @@ def _prepare_padding(mask, device, lead: tuple, t_k, b, h, h_kv, has_heads) -> t
         m = m.squeeze(-2)  # the attention-mask form (..., H|1, 1, T_k|1)
     if m.dim() != len(full) or any(s != 1 and s != f for s, f in zip(m.shape, full)):
         expected = f"{per_batch}" if per_batch == full else f"{per_batch} or {full}"
-        raise ValueError(f"key_padding_mask must have shape {expected} (T_k={t_k}), got {tuple(mask.shape)} "
+        raise AttnlabInputError(f"key_padding_mask must have shape {expected} (T_k={t_k}), got {tuple(mask.shape)} "
                          f"(sizes of 1 broadcast; the attention-mask form {lead + (1, t_k)} is accepted too)")
     batch_dims = len(lead) - 1 if has_heads else len(lead)
     varies = any(s != 1 for s in m.shape[:batch_dims])
     if h != h_kv:
         if has_heads and m.shape[-2] != 1:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"key_padding_mask must be the same for every head with grouped-query attention "
                 f"(H={h}, H_kv={h_kv}): give shape {per_batch}, got {tuple(mask.shape)}")
         m = m.expand(full[:-2] + (1, t_k)).reshape(b, 1, t_k).expand(b, h_kv, t_k)  # (B, H_kv, T_k)
@@ -863,13 +883,13 @@ def _prepare_padding(mask, device, lead: tuple, t_k, b, h, h_kv, has_heads) -> t
     return m.expand(full).reshape(b, h, t_k), varies  # (B, H, T_k)
 
 
-def _check_document_ids(name: str, ids, device) -> None:
+def _check_document_ids(name: str, ids: object, device: torch.device) -> None:
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(ids).__name__}")
+        raise AttnlabInputTypeError(f"{name} must be an integer torch.Tensor or None, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
+        raise AttnlabInputTypeError(f"{name} must have an integer dtype, got {ids.dtype}")
     if ids.device != device:
-        raise ValueError(f"{name} must be on the device of q ({device}), got {ids.device}")
+        raise AttnlabInputError(f"{name} must be on the device of q ({device}), got {ids.device}")
 
 
 def _document_rows(document_ids: torch.Tensor, name: str, lead: tuple, t: int, b: int,
@@ -878,18 +898,19 @@ def _document_rows(document_ids: torch.Tensor, name: str, lead: tuple, t: int, b
     batch = lead[0] if len(lead) >= (2 if has_heads else 1) else 1
     shape = tuple(document_ids.shape)
     if shape not in ((batch, t), (1, t), (t,)):
-        raise ValueError(f"{name} must have shape ({batch}, {t}) (batch, tokens) or ({t},), got {shape}")
+        raise AttnlabInputError(f"{name} must have shape ({batch}, {t}) (batch, tokens) or ({t},), got {shape}")
     docs = document_ids.reshape(-1, 1, t)  # (B0|1, 1, T)
     return docs.expand(batch, b // batch, t).reshape(b, t)  # (B, T)
 
 
-def _prepare_documents(document_ids, device, lead: tuple, t_q, t_k, b, has_heads) -> torch.Tensor | None:
+def _prepare_documents(document_ids: torch.Tensor | None, device: torch.device, lead: tuple, t_q: int, t_k: int,
+                       b: int, has_heads: bool) -> torch.Tensor | None:
     """Validate ``document_ids`` and bring them to (B, T)."""
     if document_ids is None:
         return None
     _check_document_ids("document_ids", document_ids, device)
     if t_q != t_k:
-        raise ValueError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
+        raise AttnlabInputError(f"document_ids need as many queries as keys (self-attention), got T_q={t_q}, T_k={t_k}")
     return _document_rows(document_ids, "document_ids", lead, t_q, b, has_heads)
 
 
@@ -951,15 +972,15 @@ def flash_attention(
     x = _prepare(q, k, v, causal=causal, window=window, document_ids=document_ids,
                  key_padding_mask=key_padding_mask, scale=scale)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} ({dropout_p!r})")
+        raise AttnlabInputTypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} ({dropout_p!r})")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise AttnlabInputError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if seed is not None and not isinstance(seed, torch.Tensor) and (
             isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__} ({seed!r})")
+        raise AttnlabInputTypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__} ({seed!r})")
     for name, value in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise AttnlabInputError(f"{name} must be a positive int, got {value!r}")
     seed_t = None
     if dropout_p > 0.0:
         if seed is None:
@@ -969,7 +990,7 @@ def flash_attention(
         else:
             seed_t = torch.tensor([int(seed)], dtype=torch.int64)
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+        raise AttnlabInputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
     out, lse = _flash_op(x.q, x.k, x.v, x.padding, x.document_ids, seed_t, x.causal, x.window, x.scale,
                          float(dropout_p), int(block_q), int(block_k))  # (B, H, T_q, d_v), (B, H, T_q)
     out = _unfold(out, x.fold).reshape(*x.lead, out.shape[-2], out.shape[-1])  # (..., H, T_q, d_v)
@@ -1044,12 +1065,13 @@ def backward_with_lse(
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-def _block_documents(document_ids, x: _Inputs, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _block_documents(document_ids: tuple[torch.Tensor, torch.Tensor] | None, x: _Inputs,
+                     q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The block primitives' ``(query ids (B0, T_q), key ids (B0, T_k))`` as the kernel's (B, T_q), (B, T_k)."""
     if document_ids is None:
         return None
     if not isinstance(document_ids, tuple) or len(document_ids) != 2:
-        raise TypeError("document_ids must be None or a pair (query ids (B, T_q), key ids (B, T_k)), got "
+        raise AttnlabInputTypeError("document_ids must be None or a pair (query ids (B, T_q), key ids (B, T_k)), got "
                         f"{type(document_ids).__name__}")
     b, t_q, t_k = x.q.shape[0], x.q.shape[2], x.k.shape[2]
     has_heads = q.dim() >= 4 or x.q.shape[1] != x.k.shape[1]

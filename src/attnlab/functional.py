@@ -27,7 +27,8 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from attnlab.masks import and_masks, causal_mask, window_mask
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.masks import and_masks, index_mask
 
 __all__ = [
     "dot_scores_loop",
@@ -56,9 +57,9 @@ __all__ = [
 
 def _check_float(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise AttnlabInputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(
+        raise AttnlabInputTypeError(
             f"{name} must be a floating-point tensor, got dtype {t.dtype} (convert it with {name}.float())"
         )
 
@@ -66,7 +67,7 @@ def _check_float(name: str, t: Tensor) -> None:
 def _check_rank(name: str, t: Tensor, ranks: tuple[int, ...], layout: str) -> None:
     if t.dim() not in ranks:
         want = " or ".join(str(r) for r in ranks)
-        raise ValueError(f"{name} must have {want} dimensions {layout}, got shape {tuple(t.shape)}")
+        raise AttnlabInputError(f"{name} must have {want} dimensions {layout}, got shape {tuple(t.shape)}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,7 +91,7 @@ def dot_scores_loop(query: Tensor, inputs: Tensor) -> Tensor:
     _check_rank("query", query, (1,), "(d,)")
     _check_rank("inputs", inputs, (2,), "(num_tokens, d)")
     if inputs.shape[1] != query.shape[0]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"query has {query.shape[0]} elements but inputs rows have {inputs.shape[1]}: they must match"
         )
     scores = torch.empty(inputs.shape[0], dtype=query.dtype, device=query.device)  # (T,)
@@ -109,7 +110,7 @@ def dot_scores(query: Tensor, inputs: Tensor) -> Tensor:
     _check_rank("query", query, (1,), "(d,)")
     _check_rank("inputs", inputs, (2,), "(num_tokens, d)")
     if inputs.shape[1] != query.shape[0]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"query has {query.shape[0]} elements but inputs rows have {inputs.shape[1]}: they must match"
         )
     return inputs @ query  # (T,)
@@ -125,12 +126,12 @@ def all_pair_scores(queries: Tensor, keys: Tensor | None = None) -> Tensor:
     _check_float("queries", queries)
     _check_float("keys", keys)
     if queries.dim() < 2 or keys.dim() < 2:
-        raise ValueError(
+        raise AttnlabInputError(
             f"queries and keys must have at least 2 dimensions (..., num_tokens, d), got shapes "
             f"{tuple(queries.shape)} and {tuple(keys.shape)}"
         )
     if queries.shape[-1] != keys.shape[-1]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"queries and keys must have the same last dimension d_k, got {queries.shape[-1]} and "
             f"{keys.shape[-1]}"
         )
@@ -159,7 +160,7 @@ def softmax(scores: Tensor, dim: int = -1) -> Tensor:
     float16/bfloat16 scores are computed in float32 and returned in their own dtype. Shape unchanged."""
     _check_float("scores", scores)
     if scores.dim() == 0:
-        raise ValueError("scores must have at least 1 dimension (a row of scores), got a 0-d tensor")
+        raise AttnlabInputError("scores must have at least 1 dimension (a row of scores), got a 0-d tensor")
     x = scores.to(compute_dtype(scores.dtype))
     if x.shape[dim] == 0:  # no keys at all: nothing to normalise (and amax has nothing to reduce)
         return scores.clone()
@@ -182,7 +183,7 @@ def context_vector_loop(weights: Tensor, inputs: Tensor) -> Tensor:
     _check_rank("weights", weights, (1,), "(num_tokens,)")
     _check_rank("inputs", inputs, (2,), "(num_tokens, d)")
     if weights.shape[0] != inputs.shape[0]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"weights has {weights.shape[0]} entries but inputs has {inputs.shape[0]} rows: they must match"
         )
     context = torch.zeros(inputs.shape[1], dtype=inputs.dtype, device=inputs.device)  # (d,)
@@ -199,12 +200,12 @@ def context_vectors(weights: Tensor, values: Tensor) -> Tensor:
     _check_float("weights", weights)
     _check_float("values", values)
     if weights.dim() < 1 or values.dim() < 2:
-        raise ValueError(
+        raise AttnlabInputError(
             f"weights must have at least 1 dimension (..., T_k) and values at least 2 (..., T_k, d_v), got "
             f"shapes {tuple(weights.shape)} and {tuple(values.shape)}"
         )
     if weights.shape[-1] != values.shape[-2]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"weights has {weights.shape[-1]} keys but values has {values.shape[-2]} rows: they must match"
         )
     return weights @ values  # (..., T_q, d_v)
@@ -282,23 +283,23 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> int:
 def _check_qkv_all(q: Tensor, k: Tensor, v: Tensor) -> int:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise AttnlabInputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dimensions (..., num_tokens, d), got {tuple(t.shape)}")
+            raise AttnlabInputError(f"{name} must have at least 2 dimensions (..., num_tokens, d), got {tuple(t.shape)}")
         _check_float(name, t)
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+        raise AttnlabInputTypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same last dimension d_k, got {q.shape[-1]} and {k.shape[-1]}")
+        raise AttnlabInputError(f"q and k must have the same last dimension d_k, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"k and v must have the same number of tokens, got {k.shape[-2]} and {v.shape[-2]}"
         )
     groups = kv_groups(q, k)
     k_lead = k.shape[:-2] if groups == 1 else (*k.shape[:-3], q.shape[-3])
     v_lead = v.shape[:-2] if groups == 1 or v.dim() < 3 else (*v.shape[:-3], v.shape[-3] * groups)
     if broadcast_shape(q.shape[:-2], k_lead, v_lead) is None:
-        raise ValueError(
+        raise AttnlabInputError(
             f"q, k and v leading (batch/head) dimensions must broadcast, got {tuple(q.shape[:-2])}, "
             f"{tuple(k.shape[:-2])} and {tuple(v.shape[:-2])}"
         )
@@ -316,7 +317,7 @@ def kv_groups(q: Tensor, k: Tensor) -> int:
     if h_kv == h or h_kv == 1 or h == 1:
         return 1
     if h % h_kv != 0:
-        raise ValueError(
+        raise AttnlabInputError(
             f"the number of query heads must be a multiple of the number of key/value heads "
             f"(grouped-query attention), got {h} query heads (q.shape[-3]) and {h_kv} key/value heads "
             f"(k.shape[-3])"
@@ -334,19 +335,19 @@ def check_mask(mask: Tensor, t_q: int, t_k: int, *, name: str = "mask", batch_sh
     """Validate that ``mask`` is a bool or float tensor broadcastable to (..., T_q, T_k), and, given the
     leading (batch/head) shape of the scores, to ``batch_shape + (T_q, T_k)`` without enlarging it."""
     if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        raise AttnlabInputTypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(
+        raise AttnlabInputTypeError(
             f"{name} must be bool (True = may attend) or float (added to the scores), got dtype {mask.dtype}"
         )
     if mask.dim() < 2 or mask.shape[-2] not in (1, t_q) or mask.shape[-1] not in (1, t_k):
-        raise ValueError(
+        raise AttnlabInputError(
             f"{name} must broadcast to (..., {t_q}, {t_k}) (num_queries, num_keys), got shape {tuple(mask.shape)}"
         )
     if batch_shape is not None:
         lead = tuple(mask.shape[:-2])
         if broadcast_shape(lead, tuple(batch_shape)) != tuple(batch_shape):
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{name} leading dimensions {lead} must broadcast to the batch/head dimensions "
                 f"{tuple(batch_shape)} of the scores, got mask shape {tuple(mask.shape)}"
             )
@@ -381,11 +382,7 @@ def masked_scores(
     scores = all_pair_scores(q, k) * scale  # (..., T_q, T_k)
     if softcap is not None:  # Gemma 2's score cap, before any mask: softcap * tanh(score / softcap)
         scores = torch.tanh(scores / softcap) * softcap  # (..., T_q, T_k)
-    allowed: Tensor | None = None
-    if window is not None:
-        allowed = window_mask(t_q, t_k, window=window, device=q.device)  # (T_q, T_k)
-    else:
-        allowed = causal_mask(t_q, t_k, device=q.device) if causal else None  # (T_q, T_k)
+    allowed = index_mask(t_q, t_k, causal=causal, window=window, device=q.device)  # (T_q, T_k) or None
     if mask is not None and mask.dtype == torch.bool:
         allowed = and_masks(allowed, mask)  # (..., T_q, T_k)
     elif mask is not None:
@@ -483,15 +480,15 @@ def scaled_dot_product_attention(
     """
     groups = check_qkv(q, k, v)  # kv_groups(q, k)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise AttnlabInputError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+        raise AttnlabInputError(f"window must be None or an int >= 1, got {window!r}")
     v = repeat_kv(v, groups)  # (..., H, T_k, d_v)
     out_dtype = q.dtype
     k_lead = tuple(k.shape[:-2]) if groups == 1 else (*k.shape[:-3], k.shape[-3] * groups)
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not 0.0 < softcap < math.inf):
-        raise ValueError(f"softcap must be None or a positive finite float, got {softcap!r}")
+        raise AttnlabInputError(f"softcap must be None or a positive finite float, got {softcap!r}")
     scores = masked_scores(q, k, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
                            batch_shape=broadcast_shape(q.shape[:-2], k_lead, v.shape[:-2]))  # (..., T_q, T_k)
     v = v.to(scores.dtype)

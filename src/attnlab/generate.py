@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+
 __all__ = ["generate", "sample_next"]
 
 
@@ -66,30 +68,30 @@ def _check(prompts: object, max_new_tokens: object, temperature: object, top_k: 
            prompt_bucket: object, stop_tokens: object = ()) -> list[Tensor]:
     if isinstance(prompts, Tensor):
         if prompts.dim() != 2:
-            raise ValueError(f"prompts as a tensor must be (batch, tokens), got shape {tuple(prompts.shape)}")
+            raise AttnlabInputError(f"prompts as a tensor must be (batch, tokens), got shape {tuple(prompts.shape)}")
         prompts = list(prompts)
     if not isinstance(prompts, Sequence) or not prompts:
-        raise TypeError(f"prompts must be a non-empty list of 1-D token tensors or a (batch, tokens) tensor, got "
+        raise AttnlabInputTypeError(f"prompts must be a non-empty list of 1-D token tensors or a (batch, tokens) tensor, got "
                         f"{type(prompts).__name__}")
     for i, p in enumerate(prompts):
         if not isinstance(p, Tensor) or p.dim() != 1 or p.numel() < 1 or p.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"prompts[{i}] must be a non-empty 1-D integer tensor of token ids, got "
+            raise AttnlabInputError(f"prompts[{i}] must be a non-empty 1-D integer tensor of token ids, got "
                              f"{getattr(p, 'dtype', type(p).__name__)} {tuple(getattr(p, 'shape', ()))}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise AttnlabInputError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise AttnlabInputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        raise AttnlabInputError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        raise AttnlabInputError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if (top_k is not None or top_p is not None) and temperature == 0.0:
-        raise ValueError("top_k / top_p restrict sampling: give a temperature > 0 too (temperature=0 is greedy)")
+        raise AttnlabInputError("top_k / top_p restrict sampling: give a temperature > 0 too (temperature=0 is greedy)")
     if isinstance(prompt_bucket, bool) or not isinstance(prompt_bucket, int) or prompt_bucket < 1:
-        raise ValueError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
+        raise AttnlabInputError(f"prompt_bucket must be a positive int, got {prompt_bucket!r}")
     if (not isinstance(stop_tokens, Sequence) or isinstance(stop_tokens, str)
             or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_tokens)):
-        raise TypeError(f"stop_tokens must be a sequence of token ids (ints >= 0), e.g. [2] or (), got {stop_tokens!r}")
+        raise AttnlabInputTypeError(f"stop_tokens must be a sequence of token ids (ints >= 0), e.g. [2] or (), got {stop_tokens!r}")
     return list(prompts)
 
 
@@ -131,7 +133,7 @@ def generate(
     prompts = _check(prompts, max_new_tokens, temperature, top_k, top_p, prompt_bucket, stop_tokens)
     new_caches = getattr(model, "new_caches", None)
     if not callable(new_caches):
-        raise TypeError(f"model must have new_caches(batch_size, max_tokens) (e.g. attnlab.modern.TinyDecoder), "
+        raise AttnlabInputTypeError(f"model must have new_caches(batch_size, max_tokens) (e.g. attnlab.modern.TinyDecoder), "
                         f"{type(model).__name__} has none")
     device = next(model.parameters()).device
     longest = max(p.numel() for p in prompts)
@@ -139,7 +141,7 @@ def generate(
     needed = padded + max_new_tokens
     max_tokens = needed if max_tokens is None else max_tokens
     if max_tokens < needed:  # checked here, before any compiled region
-        raise ValueError(f"max_tokens={max_tokens} cannot hold the padded prompt ({padded} tokens) and "
+        raise AttnlabInputError(f"max_tokens={max_tokens} cannot hold the padded prompt ({padded} tokens) and "
                          f"max_new_tokens={max_new_tokens}; give max_tokens >= {needed}")
     with torch.no_grad():
         caches = new_caches(len(prompts), max_tokens)

@@ -30,6 +30,8 @@ from matplotlib.colors import ListedColormap, Normalize, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from attnlab.errors import AttnlabInputError
+from attnlab.explain.kinds import StepKind, kind_of
 from attnlab.maps import (
     CMAP,
     MASK_REASONS,
@@ -80,7 +82,7 @@ def _as_stack(weights: object) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]  # (T_q, T_k) -> (1, T_q, T_k)
     if arr.ndim != 3 or arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise ValueError(
+        raise AttnlabInputError(
             f"weights must be a (T_q, T_k) matrix or a (heads, T_q, T_k) stack, got shape {arr.shape}"
         )
     return arr  # (H, T_q, T_k)
@@ -91,7 +93,7 @@ def _check_labels(name: str, labels: Sequence[str] | None, size: int) -> list[st
         return [str(i + 1) for i in range(size)]
     labels = [str(label) for label in labels]
     if len(labels) != size:
-        raise ValueError(f"{name} must have one label per {'row' if name == 'row_labels' else 'column'}: "
+        raise AttnlabInputError(f"{name} must have one label per {'row' if name == 'row_labels' else 'column'}: "
                          f"got {len(labels)} labels for {size}")
     return labels
 
@@ -168,20 +170,20 @@ def heatmap_figure(
     cols = _check_labels("col_labels", col_labels if col_labels is not None else
                          (row_labels if t_q == t_k else None), t_k)
     if titles is not None and len(titles) != n_heads:
-        raise ValueError(f"titles must have one title per panel: got {len(titles)} for {n_heads} panels")
+        raise AttnlabInputError(f"titles must have one title per panel: got {len(titles)} for {n_heads} panels")
     mask = np.zeros(stack.shape, dtype=bool)
     if masked is not None:
         try:
             mask = np.broadcast_to(np.asarray(masked, dtype=bool), stack.shape).copy()  # (H, T_q, T_k)
         except ValueError:
-            raise ValueError(f"masked of shape {np.asarray(masked).shape} does not fit weights of shape "
+            raise AttnlabInputError(f"masked of shape {np.asarray(masked).shape} does not fit weights of shape "
                              f"{stack.shape}") from None
     groups: list[tuple[str, np.ndarray]] = []
     for label, cells in masked_groups or ():
         try:
             group = np.broadcast_to(np.asarray(cells, dtype=bool), stack.shape)  # (H, T_q, T_k)
         except ValueError:
-            raise ValueError(f"masked_groups {label!r}: cells of shape {np.asarray(cells).shape} do not fit "
+            raise AttnlabInputError(f"masked_groups {label!r}: cells of shape {np.asarray(cells).shape} do not fit "
                              f"weights of shape {stack.shape}") from None
         groups.append((label, group))
         mask |= group
@@ -302,8 +304,9 @@ def heatmap_figure(
     return fig
 
 
-def _grid_figure(stack: np.ndarray, mask: np.ndarray, rows: list[str], cols: list[str], *, titles, suptitle,
-                 cmap, norm, grey, cell_in: float, label_in: float, fig_w: float, fig_h: float, dpi: float,
+def _grid_figure(stack: np.ndarray, mask: np.ndarray, rows: list[str], cols: list[str], *,
+                 titles: Sequence[str] | None, suptitle: str | None, cmap: ListedColormap, norm: Normalize,
+                 grey: tuple[float, float, float, float], cell_in: float, label_in: float, fig_w: float, fig_h: float, dpi: float,
                  n_cols: int, n_rows: int, row_ticks: list[int], col_ticks: list[int], tick_size: float,
                  digits: int | None, fontsize: float, hatched: bool, colorbar_label: str, row_axis: str,
                  col_axis: str, groups: list[tuple[str, np.ndarray]], hatch_of: np.ndarray) -> Figure:
@@ -420,23 +423,15 @@ def _section_of(walkthrough: Walkthrough, section: str) -> str:
     sec = chosen[-1]
     if sec not in walkthrough.sections:
         recorded = [s for s in walkthrough.sections if s in ALL_SECTIONS]
-        raise ValueError(f"section {section!r} is not recorded in this walkthrough; recorded: "
+        raise AttnlabInputError(f"section {section!r} is not recorded in this walkthrough; recorded: "
                          f"{', '.join(recorded) or 'none'}")
     return sec
 
 
-def _masked_words(kind: str, reason: str = "future") -> str:
+def _masked_words(kind: StepKind, reason: str = "future") -> str:
     """The legend's words for masked cells: why they are hidden (:data:`attnlab.maps.MASK_REASONS`) and what
-    the step holds there."""
-    if kind in ("mask_before", "attn_scores"):
-        what = "score set to −inf"
-    elif kind == "mask":
-        what = "slot still empty" if reason == "cache" else "mask 0, may not attend"
-    elif kind == "out_of_window":
-        what = "not counted here"
-    else:
-        what = "weight 0"
-    return f"masked ({MASK_REASONS[reason]}): {what}"
+    a step of this kind holds there (:data:`attnlab.explain.kinds.KINDS`)."""
+    return f"masked ({MASK_REASONS[reason]}): {kind.masked_words(reason)}"
 
 
 # What the colour of a map's step means, by its symbol (default: the symbol itself).
@@ -470,19 +465,19 @@ def walkthrough_figure(
         if step not in walkthrough:
             reason = walkthrough.absent_reason(step) if hasattr(walkthrough, "absent_reason") else None
             if reason:  # a step recorded under other options only: say which (e.g. without --no-scale)
-                raise ValueError(reason)
+                raise AttnlabInputError(reason)
             maps = [s.id for s in walkthrough.steps if is_map(s)]
-            raise ValueError(f"no step {step!r} in the walkthrough; steps with a query x key matrix: "
+            raise AttnlabInputError(f"no step {step!r} in the walkthrough; steps with a query x key matrix: "
                              f"{', '.join(maps)}")
         chosen = walkthrough.step(step)
         if not (is_map(chosen) or is_query_row(chosen)):
-            raise ValueError(f"step {step!r} is not a query x key matrix (its axes are {chosen.axes}); "
+            raise AttnlabInputError(f"step {step!r} is not a query x key matrix (its axes are {chosen.axes}); "
                              "pick a scores, weights or mask step")
     else:
         chosen = weights_step(walkthrough, _section_of(walkthrough, section))
     values = np.asarray(chosen.values, dtype=np.float64)
     masked = masked_cells(walkthrough, chosen)
-    kind = chosen.how.kind if chosen.how is not None else ""
+    kind = kind_of(chosen)
     groups = [(_masked_words(kind, reason), cells) for reason, cells in masked_reasons(walkthrough, chosen)]
     row_labels = list(chosen.labels[-2]) if values.ndim >= 2 else [walkthrough.query_label]
     if values.ndim == 1:  # the query's own row (section simple): one row of keys
@@ -492,15 +487,15 @@ def walkthrough_figure(
     h_axis = head_axis(chosen)
     lead_axes = values.ndim - 2
     if lead_axes > 1 or (lead_axes == 1 and h_axis is None):
-        raise ValueError(f"step {chosen.id} has axes {chosen.axes}: only (query, key) or (head, query, key) "
+        raise AttnlabInputError(f"step {chosen.id} has axes {chosen.axes}: only (query, key) or (head, query, key) "
                          "matrices can be drawn")
     head_labels = list(chosen.labels[0]) if h_axis is not None else []
     if head is not None:
         if h_axis is None:
-            raise ValueError(f"--head applies to multi-head attention only; {chosen.id} has no heads "
+            raise AttnlabInputError(f"--head applies to multi-head attention only; {chosen.id} has no heads "
                              "(use --section multihead)")
         if not 1 <= head <= len(head_labels):
-            raise ValueError(f"--head must be from 1 to {len(head_labels)}, got {head}")
+            raise AttnlabInputError(f"--head must be from 1 to {len(head_labels)}, got {head}")
         values, masked = values[head - 1], (None if masked is None else masked[head - 1])  # (T_q, T_k)
         groups = [(label, cells[head - 1]) for label, cells in groups]  # (T_q, T_k) each
         titles = None
@@ -509,7 +504,7 @@ def walkthrough_figure(
         titles = [f"head {label}" for label in head_labels] if h_axis is not None else None
         panel = ""
     section_title = walkthrough.section_titles.get(chosen.section, chosen.section)
-    binary = kind in ("mask", "out_of_window")  # 0/1 maps: the scale runs from 0 to 1 whatever is shown
+    binary = kind.binary  # 0/1 maps: the scale runs from 0 to 1 whatever is shown
     return heatmap_figure(
         values,
         row_labels,
@@ -553,14 +548,14 @@ def maps_figure(
                                                          weights.shape)  # (L, H, T, T)
     for name, value, size in (("--layer", layer, n_layers), ("--head", head, n_heads)):
         if value is not None and not 1 <= value <= size:
-            raise ValueError(f"{name} must be from 1 to {size}, got {value}")
+            raise AttnlabInputError(f"{name} must be from 1 to {size}, got {value}")
     labels = unique_labels(maps.tokens)
     shown_text = maps.text if len(maps.text) <= 80 else maps.text[:79].rstrip() + "…"
     where = f"“{shown_text}” in {model}" + (" (text cut at the model's token limit)" if maps.truncated else "")
     if query is not None:
-        from attnlab.explain.model import _resolve_model_query
+        from attnlab.explain.model import resolve_model_query
 
-        qi = _resolve_model_query(query, tuple(maps.tokens), tuple(labels))
+        qi = resolve_model_query(query, tuple(maps.tokens), tuple(labels))
         layers = [layer - 1] if layer is not None else list(range(n_layers))
         heads = [head - 1] if head is not None else list(range(n_heads))
         rows = weights[np.ix_(layers, heads)][:, :, qi, :].reshape(len(layers) * len(heads), -1)  # (L'H', T)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +51,8 @@ import torch
 from torch import Tensor
 
 from attnlab import backends
+from attnlab.errors import AttnlabInputError
+from attnlab.masks import MaskSpec
 
 __all__ = ["BACKEND_OF", "INSTALL_HINT", "AttentionMask", "attention_forward", "mask_builder",
            "RecordedAttention", "record_attention", "register", "unregister"]
@@ -116,24 +117,24 @@ class AttentionMask:
         """The shape of the dense mask this stands for: (B, 1, T_q, T_k)."""
         return (self.batch_size, 1, self.q_length, self.kv_length)
 
+    @functools.cached_property
+    def spec(self) -> MaskSpec:
+        """The same description in attnlab's terms (:class:`attnlab.masks.MaskSpec`; key padding True = padding)."""
+        return MaskSpec(causal=self.causal, window=self.window, document_ids=self.document_ids,
+                        key_padding=None if self.key_padding is None else ~self.key_padding)
+
     def dense(self, device: torch.device | str | None = None) -> Tensor:
         """The same mask as a bool (B, 1, T_q, T_k) tensor, True = may attend (for checks and pictures)."""
-        from attnlab.masks import causal_mask, window_mask
-
         if device is None:
             device = next((t.device for t in (self.key_padding, self.document_ids) if t is not None), "cpu")
-        t_q, t_k = self.q_length, self.kv_length
-        out = torch.ones(self.batch_size, 1, t_q, t_k, dtype=torch.bool, device=device)  # (B, 1, T_q, T_k)
-        if self.window is not None:
-            out = out & window_mask(t_q, t_k, window=self.window, device=device)  # (B, 1, T_q, T_k)
-        elif self.causal:
-            out = out & causal_mask(t_q, t_k, device=device)  # (B, 1, T_q, T_k)
-        if self.key_padding is not None:
-            out = out & self.key_padding.to(device)[:, None, None, :]  # (B, 1, T_q, T_k)
-        if self.document_ids is not None:
-            docs = self.document_ids.to(device)
-            out = out & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, T, T)
-        return out
+        spec = self.spec
+        if spec.document_ids is not None or spec.key_padding is not None:
+            spec = MaskSpec(causal=spec.causal, window=spec.window,
+                            document_ids=None if spec.document_ids is None else spec.document_ids.to(device),
+                            key_padding=None if spec.key_padding is None else spec.key_padding.to(device))
+        out = torch.ones(self.shape, dtype=torch.bool, device=device)  # (B, 1, T_q, T_k)
+        part = spec.dense(self.q_length, self.kv_length, device=device)  # (B|1, 1, T_q, T_k) or None
+        return out if part is None else out & part
 
 
 def _closure(fn: Callable) -> dict[str, Any]:
@@ -258,29 +259,42 @@ def record_attention() -> Iterator[list[RecordedAttention]]:
         _RECORDERS.remove(recorded)
 
 
-def _allowed(mask: Tensor | None, causal: bool, window: int | None, documents: Tensor | None,
-             q: Tensor, k: Tensor) -> Tensor:
-    """The pairs a call lets attend, as one bool (B|1, 1|H, T_q, T_k) tensor (for the recorder only)."""
-    from attnlab.masks import causal_mask, window_mask
-
+def _allowed(spec: MaskSpec, mask: Tensor | None, q: Tensor, k: Tensor) -> Tensor:
+    """The pairs a call lets attend, as one bool (B|1, 1|H, T_q, T_k) tensor (for the recorder only): the
+    description's dense form AND a float mask's finite entries."""
     t_q, t_k = q.shape[-2], k.shape[-2]
     allowed = torch.ones(1, 1, t_q, t_k, dtype=torch.bool, device=q.device)  # (1, 1, T_q, T_k)
-    if window is not None:
-        allowed = allowed & window_mask(t_q, t_k, window=window, device=q.device)  # (1, 1, T_q, T_k)
-    elif causal:
-        allowed = allowed & causal_mask(t_q, t_k, device=q.device)  # (1, 1, T_q, T_k)
+    part = spec.dense(t_q, t_k, device=q.device)
+    if part is not None:
+        allowed = allowed & part  # (B|1, 1, T_q, T_k)
     if mask is not None:
         keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         allowed = allowed & keep  # (B|1, 1|H, T_q, T_k)
-    if documents is not None:
-        allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, T)
     return allowed
 
 
-@functools.cache
-def _accepts(keyword: str) -> bool:
-    """Whether :func:`attnlab.backends.attention` takes ``keyword`` (document_ids, softcap)."""
-    return keyword in inspect.signature(backends.attention).parameters
+_UNMASKED = MaskSpec()
+
+
+def _spec_of(module: torch.nn.Module, attention_mask: AttentionMask | Tensor | None, is_causal: bool | None,
+             sliding_window: int | None, query: Tensor, key: Tensor) -> tuple[MaskSpec, Tensor | None]:
+    """The call's mask as attnlab's description, or HF's dense mask (bool or additive float, cut to the keys)
+    when the mask builder could not describe it: ``(spec, dense)``."""
+    if isinstance(attention_mask, AttentionMask):
+        if (query.shape[-2] == 1 and attention_mask.document_ids is None and attention_mask.key_padding is None
+                and (attention_mask.window is None or key.shape[-2] <= attention_mask.window)):
+            return _UNMASKED, None  # a decoding step's one query, aligned with the last key: it sees every key
+        spec = attention_mask.spec
+    elif attention_mask is None:
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        spec = MaskSpec(causal=causal, window=sliding_window if causal else None)
+    else:
+        return MaskSpec(), attention_mask[:, :, :, : key.shape[-2]]  # (B|1, 1|H, T_q, T_k): bool or float
+    t_q, t_k = query.shape[-2], key.shape[-2]
+    if spec.is_causal and spec.document_ids is None and t_q == 1 and (spec.window is None or t_k <= spec.window):
+        spec = _UNMASKED if spec.key_padding is None else MaskSpec(key_padding=spec.key_padding)  # one query,
+        # aligned with the last key: it sees every key (decoding)
+    return spec, None
 
 
 def attention_forward(
@@ -306,60 +320,38 @@ def attention_forward(
     if kwargs and not _UNSUPPORTED.keys().isdisjoint(kwargs):
         for name, what in _UNSUPPORTED.items():
             if kwargs.get(name) is not None:
-                raise ValueError(f"attnlab's attention does not support {what} (got {name}=...); load this model "
+                raise AttnlabInputError(f"attnlab's attention does not support {what} (got {name}=...); load this model "
                                  f"with attn_implementation='eager' or 'sdpa'")
     groups = getattr(module, "num_key_value_groups", None)
     if groups is not None:
         h, h_kv = query.shape[1], key.shape[1]
         if h_kv * int(groups) != h:
-            raise ValueError(f"module.num_key_value_groups={groups} does not match the heads handed over: "
+            raise AttnlabInputError(f"module.num_key_value_groups={groups} does not match the heads handed over: "
                              f"{h} query heads and {h_kv} key/value heads")
-    mask: Tensor | None = None
-    causal, window, documents = False, None, None
-    if isinstance(attention_mask, AttentionMask):
-        causal, window = attention_mask.causal, attention_mask.window
-        if attention_mask.key_padding is not None:
-            mask = attention_mask.key_padding[:, None, None, :]  # (B, 1, 1, T_k)
-        documents = attention_mask.document_ids
-    elif attention_mask is None:
-        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-        window = sliding_window if causal else None
-    else:
-        mask = attention_mask[:, :, :, : key.shape[-2]]  # (B|1, 1|H, T_q, T_k): bool or additive float
-    if causal and documents is None and query.shape[-2] == 1 and (window is None or key.shape[-2] <= window):
-        causal, window = False, None  # one query, aligned with the last key: it may see every key (decoding)
-    if documents is not None and not _accepts("document_ids"):
-        if backend == "flash":
-            raise ValueError("packed sequences (document ids from position_ids) need attnlab.backends.attention's "
-                             "document_ids=, which this version lacks; use attn_implementation='attnlab'")
-        same = documents[:, None, :, None] == documents[:, None, None, :]  # (B, 1, T, T)
-        mask, documents = (same if mask is None else mask & same), None  # (B, 1, T, T)
-    if (documents is None and softcap is None and not _RECORDERS and backend in ("auto", "torch")
-            and not kwargs.get("output_attentions")):
-        # The usual call (every decode step): straight to backends.attention, no keyword dict built.
-        out = backends.attention(query, key, value, mask=mask, causal=causal, window=window, scale=scaling,
-                                 dropout_p=float(dropout), training=True, backend=backend)  # (B, H, T_q, d_v)
+    spec, mask = _spec_of(module, attention_mask, is_causal, sliding_window, query, key)
+    if softcap is None and not _RECORDERS and backend in ("auto", "torch") and not kwargs.get("output_attentions"):
+        # The usual call (every decode step): straight to backends.attention, no keyword dict built; a
+        # description of causal/window alone goes as the flags it is.
+        if mask is None and not spec.has_tensors:
+            out = backends.attention(query, key, value, causal=spec.causal, window=spec.window, scale=scaling,
+                                     dropout_p=float(dropout), training=True, backend=backend)  # (B, H, T_q, d_v)
+        else:
+            out = backends.attention(query, key, value, mask=spec if mask is None else mask, scale=scaling,
+                                     dropout_p=float(dropout), training=True, backend=backend)  # (B, H, T_q, d_v)
         return out.transpose(1, 2).contiguous(), None  # (B, T_q, H, d_v)
-    extra: dict[str, Any] = {}
-    if documents is not None:
-        extra["document_ids"] = documents
-    if softcap is not None:
-        if not _accepts("softcap"):
-            raise ValueError("this model caps its attention scores (softcap); attnlab.backends.attention of this "
-                             "version has no softcap=, load it with attn_implementation='eager'")
-        extra["softcap"] = float(softcap)
-    common: dict[str, Any] = {"mask": mask, "causal": causal, "window": window, "scale": scaling,
-                              "dropout_p": float(dropout), "training": True, **extra}
+    common: dict[str, Any] = {"mask": spec if mask is None else mask, "scale": scaling,
+                              "dropout_p": float(dropout), "training": True,
+                              "softcap": None if softcap is None else float(softcap)}
     asked = bool(kwargs.get("output_attentions")) and backend in ("auto", "eager")
     weights: Tensor | None = None
     if backend == "eager" or asked or _RECORDERS:  # the weights come from the eager reference
         out, weights = backends.attention(query, key, value, backend="eager", need_weights=True, **common)
         if _RECORDERS:
             call = RecordedAttention(
-                weights.detach(), _allowed(mask, causal, window, extra.get("document_ids"), query, key),
+                weights.detach(), _allowed(spec, mask, query, key),
                 query=query.detach(), key=key.detach(), value=value.detach(),
                 scaling=float(scaling) if scaling is not None else query.shape[-1] ** -0.5,
-                softcap=extra.get("softcap"), module=module)
+                softcap=common["softcap"], module=module)
             for recorded in _RECORDERS:
                 recorded.append(call)
     else:

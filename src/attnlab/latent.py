@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from attnlab import backends
 from attnlab.cache import KVCache
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.masks import MaskSpec
 from attnlab.modules import _check_dropout, _check_heads, _check_positive_int, _check_x, attend_cached
 
 __all__ = ["MultiHeadLatentAttention"]
@@ -110,10 +112,10 @@ class MultiHeadLatentAttention(nn.Module):
 
         if cache is not None:
             if not isinstance(cache, KVCache) or cache.value_dim != 0 or cache.head_dim != self.latent_dim:
-                raise TypeError("cache must be a latent KVCache from MultiHeadLatentAttention.new_cache "
+                raise AttnlabInputTypeError("cache must be a latent KVCache from MultiHeadLatentAttention.new_cache "
                                 f"(keys only, head_dim={self.latent_dim}), got {cache!r}")
             if not self.causal:
-                raise ValueError("a cache is for causal decoding: build the module with causal=True")
+                raise AttnlabInputError("a cache is for causal decoding: build the module with causal=True")
             cache.claim(self)
             step = cache.update(latent[:, None], None, key_padding_mask, positions=position_ids)  # (B, 1, S, L)
             all_latent = step.keys[:, 0]  # (B, S, L)
@@ -125,21 +127,19 @@ class MultiHeadLatentAttention(nn.Module):
             )
         else:
             if position_ids is not None:
-                raise ValueError("position_ids are for a cache (its causal mask): without one, a module with no "
+                raise AttnlabInputError("position_ids are for a cache (its causal mask): without one, a module with no "
                                  "rotary embeddings has no use for positions")
             keys = self._heads(self.W_UK(latent))  # (B, H, T, hd)
             values = self._heads(self.W_UV(latent))  # (B, H, T, hd)
-            mask = None
             if key_padding_mask is not None:
                 if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-                    raise TypeError("key_padding_mask must be a bool tensor (True = padding)")
+                    raise AttnlabInputTypeError("key_padding_mask must be a bool tensor (True = padding)")
                 if tuple(key_padding_mask.shape) != (b, num_tokens):
-                    raise ValueError(f"key_padding_mask must have shape (batch, num_tokens) = {(b, num_tokens)}, "
+                    raise AttnlabInputError(f"key_padding_mask must have shape (batch, num_tokens) = {(b, num_tokens)}, "
                                      f"got {tuple(key_padding_mask.shape)}")
-                mask = (~key_padding_mask)[:, None, None, :]  # (B, 1, 1, T)
             result = backends.attention(
-                queries, keys, values, mask=mask, causal=self.causal, dropout_p=self.dropout.p,
-                training=self.training, backend=self.backend, need_weights=need_weights,
+                queries, keys, values, mask=MaskSpec(causal=self.causal, key_padding=key_padding_mask),
+                dropout_p=self.dropout.p, training=self.training, backend=self.backend, need_weights=need_weights,
             )
         context_vectors, weights = result if isinstance(result, tuple) else (result, None)  # (B, H, T, hd)
         context_vectors = context_vectors.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)  # (B, T, d_out)

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError
+from attnlab.explain.kinds import kind_of
+
 if TYPE_CHECKING:
     from attnlab.explain.steps import Step, Walkthrough
 
@@ -44,12 +47,6 @@ MASK_REASONS = {
     "window": "an earlier token outside the window",
     "cache": "a token not yet cached (its key is written at a later step)",
 }
-
-# Operations whose output cell (i, j) is made from the same cell (i, j) of their first operand: the hover
-# text follows them back, e.g. weight <- softmax <- scaled score <- score = q_i · k_j.
-_CELLWISE = {"scale", "softmax", "softmax_naive", "divide_by_sum", "mask_before", "mask_after", "mask_zero",
-             "dropout"}
-
 
 def is_map(step: Step) -> bool:
     """A query × key matrix (attention scores, weights or a mask), possibly per head."""
@@ -92,15 +89,14 @@ def masked_cells(walk: Walkthrough, step: Step) -> np.ndarray | None:
     if not (is_map(step) or is_query_row(step)):
         return None
     shape = step.values.shape
-    if step.how is not None and step.how.kind == "out_of_window":
-        # the window's hidden cells are this map's content (value 1), not masked: only the causal future is
+    if kind_of(step).hides == "content":
+        # e.g. the window's hidden cells are this map's content (value 1), not masked: only the causal future is
         return _future(shape, walk.query)
     masked = np.zeros(shape, dtype=bool)
     for source in _ancestors(walk, step):
         if not (is_map(source) or is_query_row(source)):
             continue
-        kind = source.how.kind if source.how is not None else ""
-        if kind == "mask":
+        if kind_of(source).hides == "zeros":  # a mask: 0 = hidden
             hidden = source.values == 0
         else:
             hidden = ~np.isfinite(source.values)
@@ -142,7 +138,7 @@ def _looks_causal(step: Step) -> bool:
     """A causal module's recorded weights (e.g. ``MultiHeadAttention``'s, recorded without a mask step):
     weights of a module whose every cell after the diagonal is exactly 0 in every head. Only read off the
     recorded numbers, to grey those cells out like the causal section's masked cells."""
-    if step.how is None or step.how.kind != "module" or not is_map(step):
+    if not kind_of(step).may_be_causal or not is_map(step):
         return False
     t_q, t_k = step.values.shape[-2:]
     if t_k < 2:
@@ -167,9 +163,10 @@ def _fit(hidden: np.ndarray, shape: tuple[int, ...], query: int) -> np.ndarray:
 
 def chain_operand(walk: Walkthrough, step: Step) -> str | None:
     """The id of the step whose same cell this step's cell was made from (softmax, scaling, masking,
-    dropout), so hover text can say how a weight came from a score; None otherwise."""
+    dropout: the kinds marked ``cellwise`` in :data:`attnlab.explain.kinds.KINDS`), so hover text can say how
+    a weight came from a score (weight <- softmax <- scaled score <- score = q_i · k_j); None otherwise."""
     how = step.how
-    if how is None or how.kind not in _CELLWISE or not how.operands:
+    if how is None or not kind_of(step).cellwise or not how.operands:
         return None
     first = how.operands[0]
     if first not in walk:
@@ -187,9 +184,9 @@ def weights_step(walk: Walkthrough, section: str) -> Step:
     maps = [s for s in walk.section_steps(section) if shown(s)]
     if not maps:
         present = [sec for sec in walk.sections if any(shown(s) for s in walk.section_steps(sec))]
-        raise ValueError(f"the walkthrough has no attention weights for section {section!r}; "
+        raise AttnlabInputError(f"the walkthrough has no attention weights for section {section!r}; "
                          f"sections with weights: {', '.join(present) or 'none'}")
-    named = [s for s in maps if s.symbol == "weight" and (s.how is None or s.how.kind != "dropout")]
+    named = [s for s in maps if s.symbol == "weight" and not kind_of(s).drawn]  # before dropout
     return (named or maps)[-1]
 
 
@@ -202,9 +199,9 @@ def check_output_path(path: str | Path, *, force: bool = False, formats: dict[st
     file, or the existing file is not writable), so that no work is done for a file that cannot be written."""
     path = Path(path)
     if not str(path).strip():
-        raise ValueError("the output file name is empty; give a file name")
+        raise AttnlabInputError("the output file name is empty; give a file name")
     if formats is not None and path.suffix.lower() not in formats:
-        raise ValueError(f"cannot write {str(path)!r}: unknown extension {path.suffix or '(none)'!r}; "
+        raise AttnlabInputError(f"cannot write {str(path)!r}: unknown extension {path.suffix or '(none)'!r}; "
                          f"use one of {', '.join(formats)}")
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a directory; give a file name"

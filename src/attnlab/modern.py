@@ -27,11 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from attnlab.cache import LayerCaches
+from attnlab.cache import KVCache, LayerCaches, RollingKVCache
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.latent import MultiHeadLatentAttention
 from attnlab.modules import MultiHeadAttention
 from attnlab.rope import RotaryEmbedding
@@ -57,7 +59,9 @@ DEFAULT_WINDOW = 64
 # --------------------------------------------------------------------------------------------------
 
 
-def book_precompute_rope_params(head_dim: int, theta_base: float = 10_000, context_length: int = 4096):
+def book_precompute_rope_params(
+    head_dim: int, theta_base: float = 10_000, context_length: int = 4096
+) -> tuple[Tensor, Tensor]:
     inv_freq = 1.0 / (theta_base ** (torch.arange(0, head_dim, 2)[: (head_dim // 2)].float() / head_dim))
     positions = torch.arange(context_length)
     angles = positions[:, None] * inv_freq[None, :]  # (context_length, hd / 2)
@@ -86,8 +90,17 @@ class PlainAttention(nn.Module):
     plain way (the book's bonus code combined in one readable class; ``forward(x, use_cache=...)``,
     ``reset_cache()``)."""
 
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, *,
-                 num_kv_groups=None, window_size=None, rope_base=None):
+    # Declared for the type checker: the buffers (cos and sin only with rope_base) and the cache.
+    mask: Tensor  # (context_length, context_length)
+    cos: Tensor  # (4 * context_length, hd)
+    sin: Tensor  # (4 * context_length, hd)
+    cache_k: Tensor | None  # (B, H_kv, T_k, hd)
+    cache_v: Tensor | None  # (B, H_kv, T_k, hd)
+    ptr_current_pos: int
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False, *, num_kv_groups: int | None = None, window_size: int | None = None,
+                 rope_base: float | None = None) -> None:
         super().__init__()
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
         self.num_kv_groups = num_heads if num_kv_groups is None else num_kv_groups
@@ -100,16 +113,16 @@ class PlainAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
         self.rope = rope_base is not None
-        if self.rope:
+        if rope_base is not None:
             cos, sin = book_precompute_rope_params(self.head_dim, rope_base, 4 * context_length)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
         self.cache_k, self.cache_v, self.ptr_current_pos = None, None, 0
 
-    def reset_cache(self):
+    def reset_cache(self) -> None:
         self.cache_k, self.cache_v, self.ptr_current_pos = None, None, 0
 
-    def forward(self, x, use_cache=False, key_padding_mask=None):
+    def forward(self, x: Tensor, use_cache: bool = False, key_padding_mask: Tensor | None = None) -> Tensor:
         b, num_tokens, _ = x.shape
         queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         keys = self.W_key(x).view(b, num_tokens, self.num_kv_groups, self.head_dim).transpose(1, 2)
@@ -121,6 +134,7 @@ class PlainAttention(nn.Module):
             keys = book_compute_rope(keys, self.cos, self.sin, offset=start)
         if use_cache:
             if self.cache_k is not None:
+                assert self.cache_v is not None  # the two caches are set together
                 keys = torch.cat([self.cache_k, keys], dim=2)  # (B, H_kv, T_k, hd)
                 values = torch.cat([self.cache_v, values], dim=2)  # (B, H_kv, T_k, hd)
             self.cache_k, self.cache_v = keys, values
@@ -151,7 +165,11 @@ class PlainAttention(nn.Module):
 class PlainLatentAttention(nn.Module):
     """Multi-head latent attention the plain way (the book's MLA bonus): the cache holds the latents."""
 
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False, *, latent_dim=None):
+    cache_c_kv: Tensor | None  # (B, T_k, L)
+    ptr_current_pos: int
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False, *, latent_dim: int | None = None) -> None:
         super().__init__()
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
         self.latent_dim = latent_dim if latent_dim is not None else max(16, d_out // 8)
@@ -163,10 +181,10 @@ class PlainLatentAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.cache_c_kv, self.ptr_current_pos = None, 0
 
-    def reset_cache(self):
+    def reset_cache(self) -> None:
         self.cache_c_kv, self.ptr_current_pos = None, 0
 
-    def forward(self, x, use_cache=False):
+    def forward(self, x: Tensor, use_cache: bool = False) -> Tensor:
         b, num_tokens, _ = x.shape
         queries = self.W_query(x)  # (B, T, d_out)
         latent_new = self.W_DKV(x)  # (B, T, L)
@@ -205,7 +223,7 @@ class ModernVariant:
 
     name: str
     summary: str
-    options: Callable[[int], dict]
+    options: Callable[[int], dict[str, Any]]
     latent: bool = False
     cached: bool = False
 
@@ -228,12 +246,12 @@ MODERN: dict[str, ModernVariant] = {
 
 def build_modern(
     name: str, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
-    qkv_bias: bool = False, **overrides,
+    qkv_bias: bool = False, **overrides: Any,
 ) -> nn.Module:
     """The attnlab module of entry ``name`` (``overrides`` replace the entry's options, e.g.
     ``window_size=``, ``num_kv_groups=``, ``backend=``, ``latent_dim=``)."""
     if name not in MODERN:
-        raise ValueError(f"unknown modern variant {name!r}; valid names: {', '.join(MODERN)}")
+        raise AttnlabInputError(f"unknown modern variant {name!r}; valid names: {', '.join(MODERN)}")
     entry = MODERN[name]
     options = {**entry.options(num_heads), **overrides}
     cls = MultiHeadLatentAttention if entry.latent else MultiHeadAttention
@@ -251,15 +269,15 @@ def plain_reference(module: MultiHeadAttention | MultiHeadLatentAttention) -> nn
         ref = PlainLatentAttention(*args, latent_dim=module.latent_dim)
     elif isinstance(module, MultiHeadAttention):
         if module.rope is not None and not isinstance(module.rope, RotaryEmbedding):
-            raise ValueError("plain_reference knows the built-in RotaryEmbedding only, not a custom rope= hook")
+            raise AttnlabInputError("plain_reference knows the built-in RotaryEmbedding only, not a custom rope= hook")
         if not module.causal:
-            raise ValueError("plain_reference needs a causal module")
+            raise AttnlabInputError("plain_reference needs a causal module")
         ref = PlainAttention(
             *args, num_kv_groups=module.num_kv_groups, window_size=module.window_size,
             rope_base=None if module.rope is None else module.rope.base,
         )
     else:
-        raise TypeError(f"module must be a MultiHeadAttention or MultiHeadLatentAttention, got {type(module).__name__}")
+        raise AttnlabInputTypeError(f"module must be a MultiHeadAttention or MultiHeadLatentAttention, got {type(module).__name__}")
     weight = module.W_query.weight
     ref.to(device=weight.device, dtype=weight.dtype)
     ref.load_state_dict(module.state_dict(), strict=True)
@@ -303,7 +321,8 @@ class _DecoderBlock(nn.Module):
         self.gate, self.up = nn.Linear(d, 4 * d, bias=False), nn.Linear(d, 4 * d, bias=False)
         self.down = nn.Linear(4 * d, d, bias=False)
 
-    def forward(self, x: Tensor, cache, position_ids: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | RollingKVCache | None, position_ids: Tensor | None,
+                key_padding_mask: Tensor | None) -> Tensor:
         h = self.norm1(x)  # (B, T, d)
         if isinstance(self.att, MultiHeadLatentAttention):
             attended = self.att(h, cache=cache, position_ids=position_ids if cache is not None else None,

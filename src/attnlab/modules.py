@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from attnlab import backends
 from attnlab import functional as F
-from attnlab.cache import CacheStep, KVCache, RollingKVCache
-from attnlab.masks import and_masks, causal_mask, padding_mask, window_mask
-from attnlab.rope import PositionalEncoding, RotaryEmbedding
+from attnlab.cache import CacheStep, KVCache, RollingKVCache, step_spec
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.masks import MaskSpec, flags_spec
+from attnlab.rope import PositionalEncoding, make_positional, score_bias_of
 
 __all__ = [
     "SelfAttention_v1",
@@ -39,6 +40,8 @@ __all__ = [
     "SelfAttentionV2",
     "BOOK_MASK_LIMIT",
     "positions_within_documents",
+    "token_positions",
+    "attend",
 ]
 
 
@@ -49,18 +52,18 @@ __all__ = [
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise AttnlabInputError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_dropout(dropout: object) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        raise AttnlabInputError(f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
 def _check_heads(d_out: int, num_heads: int) -> None:
     _check_positive_int("num_heads", num_heads)
     if d_out % num_heads != 0:
-        raise ValueError(
+        raise AttnlabInputError(
             f"d_out must be divisible by num_heads, got d_out={d_out} and num_heads={num_heads} "
             f"(try num_heads in {[h for h in range(1, d_out + 1) if d_out % h == 0]})"
         )
@@ -79,22 +82,22 @@ def _check_x(
     x: Tensor, d_in: int, ranks: tuple[int, ...], context_length: int | None = None, *, dtype: torch.dtype
 ) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise AttnlabInputTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype} (convert it with x.float())")
+        raise AttnlabInputTypeError(f"x must be a floating-point tensor, got dtype {x.dtype} (convert it with x.float())")
     if x.dtype != dtype and not _autocast_takes(x, dtype):
-        raise TypeError(
+        raise AttnlabInputTypeError(
             f"x has dtype {x.dtype} but the module's parameters are {dtype}: convert one to the other, "
             f"e.g. x.to({dtype}) or module.to({x.dtype}), or run under torch.autocast"
         )
     layouts = {2: "(num_tokens, d_in)", 3: "(batch, num_tokens, d_in)"}
     if x.dim() not in ranks:
         want = " or ".join(f"{r} {layouts[r]}" for r in ranks)
-        raise ValueError(f"x must have {want} dimensions, got {x.dim()} with shape {tuple(x.shape)}")
+        raise AttnlabInputError(f"x must have {want} dimensions, got {x.dim()} with shape {tuple(x.shape)}")
     if x.shape[-1] != d_in:
-        raise ValueError(f"x must have d_in={d_in} features in its last dimension, got {x.shape[-1]}")
+        raise AttnlabInputError(f"x must have d_in={d_in} features in its last dimension, got {x.shape[-1]}")
     if context_length is not None and x.shape[-2] > context_length:
-        raise ValueError(
+        raise AttnlabInputError(
             f"x has num_tokens={x.shape[-2]}, longer than context_length={context_length}; "
             f"build the module with context_length >= {x.shape[-2]} or shorten the input"
         )
@@ -276,7 +279,9 @@ class MultiHeadAttention(nn.Module):
       rope=None            True: rotary position embeddings on queries and keys (Llama's rotate-half,
                            base rope_base, a finite number > 1; :mod:`attnlab.rope`); or any callable
                            ``rope(queries, keys, positions) -> (queries, keys)``, the hook for another
-                           positional scheme (see :mod:`attnlab.rope`);
+                           positional scheme, which may also add a per-head score bias (its
+                           ``score_bias(query_positions, key_positions)``); or a scheme's name:
+                           ``rope="alibi"`` is ALiBi (:mod:`attnlab.alibi`; see :mod:`attnlab.rope`);
       context_parallel     an object whose ``.attention(q, k, v, causal=, key_padding_mask=, scale=)``
                            attends this rank's shard of the sequence against the whole (and whose
                            ``.positions(T, device)`` gives its tokens' global positions, for RoPE), such
@@ -341,7 +346,7 @@ class MultiHeadAttention(nn.Module):
         backend: str = "auto",
         num_kv_groups: int | None = None,
         window_size: int | None = None,
-        rope: bool | PositionalEncoding | None = None,
+        rope: bool | str | PositionalEncoding | None = None,
         rope_base: float = 10000.0,
         context_parallel: object | None = None,
         head_dim: int | None = None,
@@ -358,10 +363,10 @@ class MultiHeadAttention(nn.Module):
             _check_positive_int("num_heads", num_heads)
             _check_positive_int("head_dim", head_dim)
         if not isinstance(out_bias, bool):
-            raise TypeError(f"out_bias must be a bool, got {type(out_bias).__name__} ({out_bias!r})")
+            raise AttnlabInputTypeError(f"out_bias must be a bool, got {type(out_bias).__name__} ({out_bias!r})")
         if qk_norm is not None and (isinstance(qk_norm, bool) or not isinstance(qk_norm, (int, float))
                                     or not 0.0 < qk_norm < 1.0):
-            raise ValueError(f"qk_norm must be None or an RMSNorm eps in (0, 1), e.g. 1e-6, got {qk_norm!r}")
+            raise AttnlabInputError(f"qk_norm must be None or an RMSNorm eps in (0, 1), e.g. 1e-6, got {qk_norm!r}")
         backends.resolve(backend)  # validates the name
         num_kv_groups = _check_modern_options(num_heads, causal, num_kv_groups, window_size, context_parallel)
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
@@ -383,7 +388,8 @@ class MultiHeadAttention(nn.Module):
         self._mask_like: Tensor
         self.register_buffer("_mask_like", torch.zeros(0), persistent=False)
         self.register_state_dict_post_hook(_save_book_mask)
-        self.rope = _make_rope(rope, self.head_dim, rope_base)  # no parameters, no saved buffers
+        self.rope = make_positional(rope, head_dim=self.head_dim, num_heads=num_heads, base=rope_base)
+        _check_scheme(self.rope, backend, context_parallel)
         self.q_norm = self.k_norm = None
         if qk_norm is not None:
             self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim, eps=qk_norm), nn.RMSNorm(self.head_dim, eps=qk_norm)
@@ -399,8 +405,9 @@ class MultiHeadAttention(nn.Module):
             self.__dict__["_mask_built"] = built
         return built
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
         saved = state_dict.pop(prefix + "mask", None)  # any causal mask, any context_length, or none
         if saved is not None and not _is_causal_mask(saved):
             error_msgs.append(f"{prefix}mask: expected the chapter's causal mask triu(ones(n, n), 1) (any n), got a "
@@ -433,54 +440,46 @@ class MultiHeadAttention(nn.Module):
         use_rolling = self.window_size is not None and self.window_size < max_tokens if rolling is None else rolling
         if use_rolling:
             if self.window_size is None:
-                raise ValueError("rolling=True needs a sliding-window layer (window_size=...); this one has none")
+                raise AttnlabInputError("rolling=True needs a sliding-window layer (window_size=...); this one has none")
             return RollingKVCache(batch_size, self.window_size, self.num_kv_groups, self.head_dim, dtype=dtype,
                                   device=device)
         return KVCache(batch_size, max_tokens, self.num_kv_groups, self.head_dim, dtype=dtype, device=device)
 
-    def _allowed(
-        self, b: int, t: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None, t_k: int | None = None
-    ):
-        """The mask handed to the backend (bool True = may attend, or float; None for none) and whether
-        the backend applies the causal mask itself. Padding alone stays a (B, 1, 1, T) mask and causality
-        a flag, which every backend (the flash kernel included) takes as they are; an ``attn_mask`` is
-        combined with the causal mask (or the sliding window) and the padding into one mask. ``t_k``: the
-        number of keys (the context's tokens in cross-attention; default ``t``)."""
-        t_k = t if t_k is None else t_k
-        pad = None
-        if key_padding_mask is not None:
+    def _mask(
+        self, x: Tensor, t_k: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+        document_ids: Tensor | None, cache: KVCache | RollingKVCache | None,
+    ) -> tuple[MaskSpec, Tensor | None]:
+        """The mask description of a call and its score bias (a float ``attn_mask``): causal (or the sliding
+        window), key padding, a bool ``attn_mask`` and the documents, composed by AND; checked here once."""
+        if key_padding_mask is None and attn_mask is None and document_ids is None:
+            return flags_spec(self.causal, self.window_size), None  # no tensors: causal / window alone
+        b, t = x.shape[0], x.shape[1]
+        if key_padding_mask is not None and cache is None:  # (a cache checks its new tokens' padding itself)
             if not isinstance(key_padding_mask, Tensor):
-                raise TypeError(f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
+                raise AttnlabInputTypeError(
+                    f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
             if key_padding_mask.dtype != torch.bool:
-                raise TypeError(
-                    f"key_padding_mask must be a bool tensor (True = padding), got dtype {key_padding_mask.dtype}"
-                )
+                raise AttnlabInputTypeError("key_padding_mask must be a bool tensor (True = padding), got dtype "
+                                            f"{key_padding_mask.dtype}")
             if tuple(key_padding_mask.shape) != (b, t_k):
-                raise ValueError(
-                    f"key_padding_mask must have shape (batch, num_tokens) = {(b, t_k)}, "
-                    f"got {tuple(key_padding_mask.shape)}"
-                )
-            pad = padding_mask(key_padding_mask)  # (B, 1, 1, T)
-        if attn_mask is None:
-            return pad, self.causal
-        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
-            attn_mask = attn_mask[:, None]  # (B, 1, T, T)
-        if isinstance(attn_mask, Tensor) and attn_mask.dim() > 4:
-            raise ValueError(
-                f"attn_mask must have shape (T, T), (batch, T, T) or (batch, num_heads, T, T), "
-                f"got {tuple(attn_mask.shape)}"
-            )
-        F.check_mask(attn_mask, t, t_k, name="attn_mask", batch_shape=(b, self.num_heads))
-        device = self.W_query.weight.device
-        causal = causal_mask(t, t, device=device) if self.causal else None  # (T, T)
-        if self.window_size is not None:
-            causal = window_mask(t, t, window=self.window_size, device=device)  # (T, T)
-        if attn_mask.dtype != torch.bool:
-            bool_part = and_masks(causal, pad)
-            if bool_part is not None:
-                attn_mask = F.mask_before_softmax(attn_mask, bool_part)  # (B|1, H|1, T, T)
-            return attn_mask, False
-        return and_masks(causal, pad, attn_mask), False
+                raise AttnlabInputError(f"key_padding_mask must have shape (batch, num_tokens) = {(b, t_k)}, "
+                                        f"got {tuple(key_padding_mask.shape)}")
+        bias = None
+        if attn_mask is not None and cache is not None:
+            attn_mask = cache.check_attn_mask(attn_mask, t)  # bool (B|1, 1, T, T), among the new tokens
+        elif attn_mask is not None:
+            if isinstance(attn_mask, Tensor) and attn_mask.dim() > 4:
+                raise AttnlabInputError(f"attn_mask must have shape (T, T), (batch, T, T) or (batch, num_heads, T, "
+                                        f"T), got {tuple(attn_mask.shape)}")
+            if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+                attn_mask = attn_mask[:, None]  # (B, 1, T, T)
+            F.check_mask(attn_mask, t, t_k, name="attn_mask", batch_shape=(b, self.num_heads))
+            if attn_mask.dtype != torch.bool:
+                attn_mask, bias = None, attn_mask  # a float mask is added to the scores
+        if document_ids is not None:
+            document_ids = document_ids.to(x.device)  # (T,) or (B, T)
+        return MaskSpec(causal=self.causal, window=self.window_size, key_padding=key_padding_mask,
+                        allowed=attn_mask, document_ids=document_ids), bias
 
     def forward(
         self,
@@ -503,12 +502,15 @@ class MultiHeadAttention(nn.Module):
         values = self._heads(self.W_value(source), self.num_kv_groups, None)  # (B, H_kv, T_k, hd)
         if position_ids is not None:
             position_ids = position_ids.to(device=x.device, dtype=torch.long)  # (T,) or (B, T)
-        if self.rope is not None:  # rotate by absolute position: after the cache's, or this rank's
-            positions = self._positions(num_tokens, x.device, cache, position_ids, document_ids)  # (T,) or (B, T)
-            queries, keys = self.rope(queries, keys, positions)
-        context_vectors, weights = self._attend(
-            queries, keys, values, position_ids, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            need_weights=need_weights, cache=cache, document_ids=document_ids,
+        positions = None
+        if self.rope is not None:  # absolute positions: after the cache's, this rank's, within documents
+            positions = token_positions(num_tokens, x.device, cache, position_ids, document_ids, self.context_parallel)
+            queries, keys = self.rope(queries, keys, positions)  # rotated (or as they were, for a bias scheme)
+        mask, bias = self._mask(x, keys.shape[2], key_padding_mask, attn_mask, document_ids, cache)
+        context_vectors, weights = attend(
+            queries, keys, values, mask, bias=bias, positions=positions, scheme=self.rope, cache=cache,
+            position_ids=position_ids, context_parallel=self.context_parallel, dropout_p=self.dropout.p,
+            training=self.training, backend=self.backend, need_weights=need_weights,
         )  # (B, H, T, hd), (B, H, T, T_k) or None
         # Merge heads back: (B, H, T, hd) -> (B, T, H, hd) -> (B, T, H * hd).
         context_vectors = context_vectors.transpose(1, 2).reshape(b, num_tokens, self.inner_dim)  # (B, T, H * hd)
@@ -523,54 +525,9 @@ class MultiHeadAttention(nn.Module):
             split = norm(split)  # (B, T, heads, hd)
         return split.transpose(1, 2)  # (B, heads, T, hd)
 
-    def _attend(
-        self, queries: Tensor, keys: Tensor, values: Tensor, position_ids: Tensor | None, *,
-        key_padding_mask: Tensor | None, attn_mask: Tensor | None, need_weights: bool, cache,
-        document_ids: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """The one attention call: this rank's shard through the context-parallel object, the new tokens
-        against a cache (at ``position_ids``, default: after each row's cached tokens; trimmed to the filled
-        slots when the cache allows, unless the weights over all slots are asked for), or the whole
-        sequence through :func:`attnlab.backends.attention`."""
-        if self.context_parallel is not None:
-            return self.context_parallel.attention(  # type: ignore[attr-defined]
-                queries, keys, values, causal=self.causal, key_padding_mask=key_padding_mask, scale=None
-            ), None  # (B, H, T, hd)
-        if cache is not None:
-            step = cache.update(keys, values, key_padding_mask, window=self.window_size, positions=position_ids,
-                                attn_mask=attn_mask, trim=not need_weights)
-            result = attend_cached(
-                queries, step, window=self.window_size, dropout_p=self.dropout.p, training=self.training,
-                backend=self.backend, need_weights=need_weights,
-            )
-        else:
-            b, t, t_k = queries.shape[0], queries.shape[2], keys.shape[2]
-            mask, causal = self._allowed(b, t, key_padding_mask, attn_mask, t_k)
-            result = backends.attention(
-                queries, keys, values, mask=mask, causal=causal,
-                window=self.window_size if attn_mask is None else None,  # else: inside the mask
-                dropout_p=self.dropout.p, training=self.training, backend=self.backend, need_weights=need_weights,
-                document_ids=document_ids,
-            )
-        return result if isinstance(result, tuple) else (result, None)  # (B, H, T, hd), weights or None
-
-    def _positions(
-        self, num_tokens: int, device: torch.device, cache, position_ids: Tensor | None, document_ids: Tensor | None
-    ) -> Tensor:
-        """Absolute positions of the new tokens, (T,) or (B, T): the given ``position_ids``; after the cached
-        ones (per row); this rank's global ones with context parallelism; within each document; else 0..T-1."""
-        if position_ids is not None:
-            return position_ids.to(device=device, dtype=torch.long)  # (T,) or (B, T)
-        if cache is not None:
-            return cache.positions(num_tokens)  # (B, T)
-        if self.context_parallel is not None:
-            return self.context_parallel.positions(num_tokens, device)  # type: ignore[attr-defined]
-        if document_ids is not None:
-            return positions_within_documents(document_ids.to(device))  # (T,) or (B, T)
-        return torch.arange(num_tokens, device=device)  # (T,)
-
     def _check_forward_options(
-        self, x: Tensor, context, attn_mask, need_weights: bool, cache, position_ids, document_ids
+        self, x: Tensor, context: Tensor | None, attn_mask: Tensor | None, need_weights: bool,
+        cache: KVCache | RollingKVCache | None, position_ids: Tensor | None, document_ids: Tensor | None,
     ) -> None:
         """Combinations of forward's options that have no meaning, each a ValueError/TypeError saying why."""
         b, t = x.shape[0], x.shape[1]
@@ -578,39 +535,39 @@ class MultiHeadAttention(nn.Module):
             _check_ids(name, ids, b, t)
         if context is not None:
             if not isinstance(context, Tensor):
-                raise TypeError(f"context must be a torch.Tensor (batch, num_tokens, d_in), got {type(context).__name__}")
+                raise AttnlabInputTypeError(f"context must be a torch.Tensor (batch, num_tokens, d_in), got {type(context).__name__}")
             if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.d_in:
-                raise ValueError(
+                raise AttnlabInputError(
                     f"context must have shape (batch, num_context_tokens, d_in) = ({x.shape[0]}, T_k, {self.d_in}), "
                     f"got {tuple(context.shape)}"
                 )
             if context.dtype != x.dtype:
-                raise TypeError(f"context has dtype {context.dtype}, x has {x.dtype}: give both the same dtype")
+                raise AttnlabInputTypeError(f"context has dtype {context.dtype}, x has {x.dtype}: give both the same dtype")
             if self.causal:
-                raise ValueError(
+                raise AttnlabInputError(
                     "cross-attention (context given) needs a module built with causal=False: the causal mask "
                     "orders the tokens of one sequence, and the context is another"
                 )
             if self.rope is not None:
-                raise ValueError("cross-attention (context given) does not take rope: queries and the context's "
+                raise AttnlabInputError("cross-attention (context given) does not take rope: queries and the context's "
                                  "keys have no common positions; build the module with rope=None")
             if document_ids is not None:
-                raise ValueError("cross-attention (context given) takes no document_ids: they pair the queries "
+                raise AttnlabInputError("cross-attention (context given) takes no document_ids: they pair the queries "
                                  "with keys of the same sequence")
         if cache is not None:
             if not isinstance(cache, (KVCache, RollingKVCache)):
-                raise TypeError(f"cache must be an attnlab.cache.KVCache or RollingKVCache (see "
+                raise AttnlabInputTypeError(f"cache must be an attnlab.cache.KVCache or RollingKVCache (see "
                                 f"MultiHeadAttention.new_cache), got {type(cache).__name__}")
             if not self.causal or context is not None:
-                raise ValueError("a cache is for causal self-attention decoding: it takes no context, and needs "
+                raise AttnlabInputError("a cache is for causal self-attention decoding: it takes no context, and needs "
                                  "causal=True")
             if document_ids is not None:
-                raise ValueError("a cache takes no document_ids: each batch row decodes one sequence")
+                raise AttnlabInputError("a cache takes no document_ids: each batch row decodes one sequence")
             if attn_mask is not None and self.backend == "flash":
-                raise ValueError("with a cache, attn_mask needs a backend that reads a general mask: the flash "
+                raise AttnlabInputError("with a cache, attn_mask needs a backend that reads a general mask: the flash "
                                  "kernel takes none; use backend='auto', 'torch' or 'eager'")
             if isinstance(cache, RollingKVCache) and (self.window_size is None or self.window_size > cache.window_size):
-                raise ValueError(
+                raise AttnlabInputError(
                     f"a RollingKVCache of window_size={cache.window_size} keeps only that many tokens; this layer "
                     f"has window_size={self.window_size}: use a KVCache or a rolling cache at least as long"
                 )
@@ -619,7 +576,7 @@ class MultiHeadAttention(nn.Module):
             cache is not None or context is not None or attn_mask is not None or need_weights
             or document_ids is not None
         ):
-            raise ValueError("context_parallel takes no cache, context, attn_mask, document_ids or need_weights: "
+            raise AttnlabInputError("context_parallel takes no cache, context, attn_mask, document_ids or need_weights: "
                              "the sequence is split over ranks and each rank attends its shard against the whole")
 
     # -- Hugging Face layers -----------------------------------------------------------------------
@@ -644,10 +601,10 @@ def _check_ids(name: str, ids: object, b: int, t: int) -> None:
     if ids is None:
         return
     if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer torch.Tensor of shape (batch, T) or (T,), got "
+        raise AttnlabInputTypeError(f"{name} must be an integer torch.Tensor of shape (batch, T) or (T,), got "
                         f"{getattr(ids, 'dtype', type(ids).__name__)}")
     if tuple(ids.shape) not in ((t,), (b, t)):
-        raise ValueError(f"{name} must have shape (batch, T) = {(b, t)} or (T,) = ({t},), got {tuple(ids.shape)}")
+        raise AttnlabInputError(f"{name} must have shape (batch, T) = {(b, t)} or (T,) = ({t},), got {tuple(ids.shape)}")
 
 
 def positions_within_documents(document_ids: Tensor) -> Tensor:
@@ -661,6 +618,66 @@ def positions_within_documents(document_ids: Tensor) -> Tensor:
     return index - first  # (..., T)
 
 
+def token_positions(
+    num_tokens: int, device: torch.device, cache: KVCache | RollingKVCache | None = None,
+    position_ids: Tensor | None = None, document_ids: Tensor | None = None, context_parallel: object | None = None,
+) -> Tensor:
+    """Absolute positions of the new tokens, (T,) or (B, T): the given ``position_ids``; after the cached
+    ones (per row); this rank's global ones with context parallelism; within each document; else 0..T-1."""
+    if position_ids is not None:
+        return position_ids.to(device=device, dtype=torch.long)  # (T,) or (B, T)
+    if cache is not None:
+        return cache.positions(num_tokens)  # (B, T)
+    if context_parallel is not None:
+        return cast(Tensor, context_parallel.positions(num_tokens, device))  # type: ignore[attr-defined]
+    if document_ids is not None:
+        return positions_within_documents(document_ids.to(device))  # (T,) or (B, T)
+    return torch.arange(num_tokens, device=device)  # (T,)
+
+
+def attend(
+    queries: Tensor, keys: Tensor, values: Tensor, mask: MaskSpec, *, bias: Tensor | None = None,
+    positions: Tensor | None = None, scheme: object | None = None, cache: KVCache | RollingKVCache | None = None,
+    position_ids: Tensor | None = None, context_parallel: object | None = None, dropout_p: float = 0.0,
+    training: bool = False, backend: str = "auto", need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The one attention call of a layer: q (B, H, T, hd), k, v (B, H_kv, T_k, hd) and the call's mask
+    description -> (out (B, H, T, hd), weights (B, H, T, T_k) or None).
+
+    With ``context_parallel``, this rank's shard attends the whole sequence through it; with a ``cache``,
+    the new keys/values are written into it and the new queries attend its slots (at ``position_ids``,
+    default: after each row's cached tokens; trimmed to the filled slots when the cache allows, unless
+    the weights over all slots are asked for); else :func:`attnlab.backends.attention`. A positional
+    ``scheme`` with a ``score_bias`` (ALiBi) adds it for the queries at ``positions`` and the keys as
+    attended (the cache's slots)."""
+    score_bias = score_bias_of(scheme)
+    if context_parallel is not None:
+        # The context-parallel protocol: causal and this rank's key padding (the other parts are refused
+        # when the module is built or called: window, attn_mask, document_ids, a score bias).
+        return context_parallel.attention(  # type: ignore[attr-defined]
+            queries, keys, values, causal=mask.is_causal, key_padding_mask=mask.key_padding, scale=None), None
+    if cache is not None:
+        step = cache.update(keys, values, mask.key_padding, window=mask.window, positions=position_ids,
+                            attn_mask=mask.allowed, trim=not need_weights)
+        if score_bias is not None:
+            bias = score_bias(step.positions, step.key_positions)  # (1|B, H, T, S)
+        return _as_pair(attend_cached(queries, step, window=mask.window, dropout_p=dropout_p, training=training,
+                                      backend=backend, need_weights=need_weights, bias=bias))
+    if score_bias is not None and positions is not None:
+        positional = score_bias(positions, positions)  # (1|B, H, T, T): self-attention
+        bias = positional if bias is None else bias + positional
+    if bias is None and not mask.has_tensors:  # causal / window alone: the flags they are
+        return _as_pair(backends.attention(queries, keys, values, causal=mask.causal, window=mask.window,
+                                           dropout_p=dropout_p, training=training, backend=backend,
+                                           need_weights=need_weights))
+    return _as_pair(backends.attention(queries, keys, values, mask=mask, bias=bias, dropout_p=dropout_p,
+                                       training=training, backend=backend, need_weights=need_weights))
+
+
+def _as_pair(result: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    return result if isinstance(result, tuple) else (result, None)
+
+
 def attend_cached(
     queries: Tensor,
     step: CacheStep,
@@ -672,18 +689,19 @@ def attend_cached(
     training: bool,
     backend: str,
     need_weights: bool,
+    bias: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The new queries (B, H, T, hd) against a cache step (keys/values default to the step's; a latent
-    cache passes its up-projected ones, laid out over the same slots). Bool mask of the step's positions
-    for every backend, except ``"flash"``, which takes no general mask: there the slots are put in
-    position order and the step is the plain causal (bottom-right) + window + key padding call. A trimmed
-    step (``step.prefix``: the filled slots in position order, no padding) needs no mask on any backend:
-    causal (bottom-right) among the new tokens, nothing at all for one new token."""
+    cache passes its up-projected ones, laid out over the same slots), with the step's mask description
+    (``step.spec``) and an optional score ``bias`` (1|B, H, T, S). A trimmed step (``step.prefix``: the
+    filled slots in position order, no padding) is ``causal`` (bottom-right) among the new tokens, nothing
+    for one new token, on any backend. For ``"flash"``, which aligns causal/window by index, the slots are
+    put in position order first (:meth:`CacheStep.ordered`)."""
     keys = step.keys if keys is None else keys
     values = step.values if values is None else values
     if values is None:
-        raise ValueError("attend_cached needs values: pass the up-projected values of a keys-only cache")
-    if step.prefix:
+        raise AttnlabInputError("attend_cached needs values: pass the up-projected values of a keys-only cache")
+    if step.prefix and bias is None:
         causal = queries.shape[-2] > 1
         name = backends.resolve(backend, dropout_p=dropout_p, training=training, need_weights=need_weights,
                                 device=queries.device)
@@ -691,17 +709,26 @@ def attend_cached(
             return backends.BACKENDS[name](queries, keys, values, causal=causal, dropout_p=dropout_p, training=training)
         return backends.attention(queries, keys, values, causal=causal, dropout_p=dropout_p, training=training,
                                   backend=backend, need_weights=need_weights)
+    spec = step_spec(step.positions, step.key_positions, step.key_padding, window=window) if step.prefix else step.spec
     if backend == "flash":
         keys, ordered_values, padding = step.ordered(keys, values)  # (B, H_kv, S, d), (B, H_kv, S, d_v), (B, S)
-        return backends.attention(
-            queries, keys, cast(Tensor, ordered_values),  # values were given, so they come back
-            mask=padding_mask(padding), causal=True, window=window,
-            dropout_p=dropout_p, training=training, backend=backend, need_weights=need_weights,
-        )
-    return backends.attention(
-        queries, keys, values, mask=step.mask, causal=False, dropout_p=dropout_p, training=training,
-        backend=backend, need_weights=need_weights,
-    )
+        values, spec = cast(Tensor, ordered_values), MaskSpec(causal=True, window=window, key_padding=padding)
+    return backends.attention(queries, keys, values, mask=spec, bias=bias, dropout_p=dropout_p, training=training,
+                              backend=backend, need_weights=need_weights)
+
+
+def _check_scheme(scheme: object, backend: str, context_parallel: object | None) -> None:
+    """A positional scheme with a score bias (ALiBi) needs a backend that reads a float mask and no context
+    parallelism (whose ranks exchange no bias)."""
+    if score_bias_of(scheme) is None:
+        return
+    if not backends.TAKES.get(backend, backends.Takes()).general_masks:
+        raise AttnlabInputError(f"a positional scheme with a score bias ({type(scheme).__name__}) needs a backend that "
+                                f"reads a float mask; backend={backend!r} takes none: use 'auto', 'torch' or 'eager' "
+                                "(attnlab.backends.TAKES lists what each backend takes)")
+    if context_parallel is not None:
+        raise AttnlabInputError(f"context_parallel takes no score bias ({type(scheme).__name__}): its ranks attend "
+                                "causally or bidirectionally; use rope=True or no positional scheme")
 
 
 def _check_modern_options(
@@ -713,37 +740,25 @@ def _check_modern_options(
     if isinstance(num_kv_groups, bool) or not isinstance(num_kv_groups, int) or num_kv_groups < 1 or (
         num_heads % num_kv_groups
     ):
-        raise ValueError(
+        raise AttnlabInputError(
             f"num_kv_groups must be a positive divisor of num_heads={num_heads} (1 = multi-query, "
             f"{num_heads} = multi-head), got {num_kv_groups!r}; try one of "
             f"{[g for g in range(1, num_heads + 1) if num_heads % g == 0]}"
         )
     if window_size is not None:
         if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f"window_size must be None or a positive int, got {window_size!r}")
+            raise AttnlabInputError(f"window_size must be None or a positive int, got {window_size!r}")
         if not causal:
-            raise ValueError("window_size (a sliding window over the previous tokens) needs causal=True")
+            raise AttnlabInputError("window_size (a sliding window over the previous tokens) needs causal=True")
     if context_parallel is not None:
         missing = [name for name in ("attention", "positions") if not callable(getattr(context_parallel, name, None))]
         if missing:
-            raise TypeError(f"context_parallel must have .attention(...) and .positions(...) methods "
+            raise AttnlabInputTypeError(f"context_parallel must have .attention(...) and .positions(...) methods "
                             f"(see attnlab.distributed.ContextParallel); {type(context_parallel).__name__} lacks "
                             f"{', '.join(missing)}")
         if window_size is not None:
-            raise ValueError("context_parallel takes no window_size: its ranks attend causally or bidirectionally")
+            raise AttnlabInputError("context_parallel takes no window_size: its ranks attend causally or bidirectionally")
     return num_kv_groups
-
-
-def _make_rope(rope: object, head_dim: int, rope_base: float) -> nn.Module | PositionalEncoding | None:
-    """``rope=None/False`` nothing, ``True`` the built-in rotary embeddings, a callable: the user's scheme."""
-    if rope is None or rope is False:
-        return None
-    if rope is True:
-        return RotaryEmbedding(head_dim, rope_base)
-    if callable(rope):
-        return rope
-    raise TypeError(f"rope must be None, True or a callable (queries, keys, positions) -> (queries, keys), "
-                    f"got {type(rope).__name__}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -759,10 +774,10 @@ def _hf_rope_base(config: Any) -> float:
         params = {**(getattr(config, "rope_scaling", None) or {}), "rope_theta": getattr(config, "rope_theta", 10000.0)}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"from_hf supports the default RoPE only, the layer's config has rope_type={rope_type!r} "
+        raise AttnlabInputError(f"from_hf supports the default RoPE only, the layer's config has rope_type={rope_type!r} "
                          "(scaled RoPE such as llama3 or yarn changes the frequencies)")
     if float(getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("from_hf supports RoPE over the whole head only, the config has partial_rotary_factor="
+        raise AttnlabInputError("from_hf supports RoPE over the whole head only, the config has partial_rotary_factor="
                          f"{config.partial_rotary_factor}")
     return float(params["rope_theta"])
 
@@ -775,26 +790,27 @@ def _hf_window(layer: Any, config: Any) -> int | None:
 
 def _copy(target: Tensor | None, source: Tensor | None, name: str) -> None:
     if (target is None) != (source is None):
-        raise ValueError(f"{name}: one side has it and the other does not (e.g. a bias); build both alike")
+        raise AttnlabInputError(f"{name}: one side has it and the other does not (e.g. a bias); build both alike")
     if target is None or source is None:
         return
     if target.shape != source.shape:
-        raise ValueError(f"{name}: shape {tuple(source.shape)} does not fit {tuple(target.shape)}; build both "
+        raise AttnlabInputError(f"{name}: shape {tuple(source.shape)} does not fit {tuple(target.shape)}; build both "
                          "from the same sizes")
     target.copy_(source)
 
 
-def _mha_from_hf(cls, layer: Any, *, context_length: int | None, backend: str):
+def _mha_from_hf(cls: type[MultiHeadAttention], layer: Any, *, context_length: int | None,
+                 backend: str) -> MultiHeadAttention:
     config = getattr(layer, "config", None)
     if config is None:
-        raise TypeError(f"layer must be a Hugging Face attention layer with a .config, got {type(layer).__name__}")
+        raise AttnlabInputTypeError(f"layer must be a Hugging Face attention layer with a .config, got {type(layer).__name__}")
     if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ValueError("from_hf: attention softcapping (attn_logit_softcapping) has no equivalent here")
+        raise AttnlabInputError("from_hf: attention softcapping (attn_logit_softcapping) has no equivalent here")
     weight = None
     if hasattr(layer, "c_attn"):  # GPT-2: fused Conv1D (y = x @ W + b), W (d, 3d)
         if getattr(layer, "is_cross_attention", False) or not config.scale_attn_weights or \
                 config.scale_attn_by_inverse_layer_idx:
-            raise ValueError("from_hf takes GPT-2 self-attention with scale_attn_weights=True and "
+            raise AttnlabInputError("from_hf takes GPT-2 self-attention with scale_attn_weights=True and "
                              "scale_attn_by_inverse_layer_idx=False (the 1/sqrt(head_dim) scaling)")
         d = layer.embed_dim
         module = cls(d, d, context_length or config.n_positions, float(config.attn_pdrop), layer.num_heads,
@@ -810,10 +826,10 @@ def _mha_from_hf(cls, layer: Any, *, context_length: int | None, backend: str):
     elif all(hasattr(layer, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
         biases = {p.bias is not None for p in (layer.q_proj, layer.k_proj, layer.v_proj)}
         if len(biases) != 1:
-            raise ValueError("from_hf: q_proj, k_proj and v_proj must all have a bias or none")
+            raise AttnlabInputError("from_hf: q_proj, k_proj and v_proj must all have a bias or none")
         head_dim = int(layer.head_dim)
         if abs(float(layer.scaling) - head_dim ** -0.5) > 1e-12 * head_dim ** -0.5:
-            raise ValueError(f"from_hf: the layer scales scores by {layer.scaling}, not 1/sqrt(head_dim={head_dim})")
+            raise AttnlabInputError(f"from_hf: the layer scales scores by {layer.scaling}, not 1/sqrt(head_dim={head_dim})")
         hidden, num_heads = layer.q_proj.in_features, layer.q_proj.out_features // head_dim
         q_norm = getattr(layer, "q_norm", None)
         eps = None if q_norm is None else float(getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6)))
@@ -827,7 +843,7 @@ def _mha_from_hf(cls, layer: Any, *, context_length: int | None, backend: str):
         to_hf(module, layer, _reverse=True)
         weight = layer.q_proj.weight
     else:
-        raise TypeError(f"from_hf knows Llama/Mistral/Qwen2/Qwen3 (q_proj, k_proj, v_proj, o_proj) and GPT-2 (c_attn, "
+        raise AttnlabInputTypeError(f"from_hf knows Llama/Mistral/Qwen2/Qwen3 (q_proj, k_proj, v_proj, o_proj) and GPT-2 (c_attn, "
                         f"c_proj) attention layers, got {type(layer).__name__}")
     return module.to(device=weight.device, dtype=weight.dtype).train(layer.training)
 
@@ -854,7 +870,7 @@ def to_hf(module: MultiHeadAttention, layer: Any, *, _reverse: bool = False) -> 
             pairs.append((None if hf_norm is None else hf_norm.weight, None if our_norm is None else our_norm.weight,
                           f"{name}.weight"))
     else:
-        raise TypeError(f"to_hf knows Llama/Mistral/Qwen2/Qwen3 and GPT-2 attention layers, got {type(layer).__name__}")
+        raise AttnlabInputTypeError(f"to_hf knows Llama/Mistral/Qwen2/Qwen3 and GPT-2 attention layers, got {type(layer).__name__}")
     with torch.no_grad():
         for hf_tensor, our_tensor, name in pairs:
             if _reverse:

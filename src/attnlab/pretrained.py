@@ -50,8 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from attnlab import functional as F
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import causal_mask
 from attnlab.modules import MultiHeadAttention
+from attnlab.notebook import to_html
 
 __all__ = [
     "INSTALL_HINT",
@@ -67,6 +69,7 @@ __all__ = [
     "SentenceEncoder",
     "HFHeadSteps",
     "HFModel",
+    "canonical_name",
     "is_model_dir",
     "load_encoder",
     "load_model_dir",
@@ -110,11 +113,12 @@ def model_names() -> list[str]:
     return ["minilm", *sorted(set(MODEL_NAMES.values()))]
 
 
-def _canonical_name(name: Any, argument: str = "name") -> str:
-    """The canonical model name for ``name`` (case-insensitive, surrounding blanks ignored); ValueError
-    naming ``argument`` and the accepted names otherwise. The one model-name check of the package."""
+def canonical_name(name: Any, argument: str = "name") -> str:
+    """The canonical model name for ``name`` (case-insensitive, surrounding blanks ignored); an
+    :class:`~attnlab.errors.AttnlabInputError` naming ``argument`` and the accepted names otherwise. The one
+    model-name check of the package."""
     if not isinstance(name, str) or name.strip().lower() not in MODEL_NAMES:
-        raise ValueError(
+        raise AttnlabInputError(
             f"{argument} must be one of {', '.join(model_names())} (case-insensitive), got {name!r}"
         )
     return MODEL_NAMES[name.strip().lower()]
@@ -126,7 +130,7 @@ def model_dir(name: str = "all-MiniLM-L6-v2") -> Path:
     It is a regular sentence-transformers model directory, so the reference implementations can load it
     too (``SentenceTransformer(str(model_dir()))``, ``BertModel.from_pretrained(model_dir())``).
     """
-    canonical = _canonical_name(name)
+    canonical = canonical_name(name)
     package = _require(_PACKAGES[canonical], _PACKAGES[canonical].replace("_", "-"))
     directory = Path(package.__file__).resolve().parent / "model"
     missing = [
@@ -173,13 +177,13 @@ class BertConfig:
         fields = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
         config = cls(**fields)
         if config.hidden_act != "gelu":
-            raise ValueError(f"{path}: hidden_act must be 'gelu' (exact erf GELU), got {config.hidden_act!r}")
+            raise AttnlabInputError(f"{path}: hidden_act must be 'gelu' (exact erf GELU), got {config.hidden_act!r}")
         if config.position_embedding_type != "absolute":
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{path}: position_embedding_type must be 'absolute', got {config.position_embedding_type!r}"
             )
         if config.hidden_size % config.num_attention_heads:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{path}: hidden_size ({config.hidden_size}) must be divisible by "
                 f"num_attention_heads ({config.num_attention_heads})"
             )
@@ -213,7 +217,7 @@ class EncoderConfig:
             modes = json.loads(pooling_file.read_text(encoding="utf-8"))
             active = [k for k, v in modes.items() if k.startswith("pooling_mode_") and v]
             if active != ["pooling_mode_mean_tokens"]:
-                raise ValueError(f"{pooling_file}: only mean pooling is supported, got the modes {active}")
+                raise AttnlabInputError(f"{pooling_file}: only mean pooling is supported, got the modes {active}")
         normalize = True
         modules_file = directory / "modules.json"
         if modules_file.is_file():
@@ -306,7 +310,7 @@ class EncoderLayer(nn.Module):
             padded = x  # (B, T, D)
         else:
             if key_padding_mask is None:
-                raise ValueError("token_index (the unpadded form) needs key_padding_mask (B, T), got None")
+                raise AttnlabInputError("token_index (the unpadded form) needs key_padding_mask (B, T), got None")
             b, t = key_padding_mask.shape
             padded = (
                 x.new_zeros(b * t, x.shape[-1]).index_copy_(0, token_index, x).view(b, t, -1)
@@ -372,11 +376,10 @@ class AttentionMaps:
     def seq_len(self) -> int:
         return self.weights.shape[-1]
 
-    def _repr_html_(self) -> str:
-        """In a notebook: the interactive report of every layer x head (:func:`attnlab.report.render_html`)."""
-        from attnlab.report.html import render_html
-
-        return render_html(self)
+    def _repr_html_(self) -> str | None:
+        """In a notebook: the interactive report of every layer x head (:func:`attnlab.report.render_html`,
+        through :mod:`attnlab.notebook`: the report is a layer above this one)."""
+        return to_html(self)
 
 
 @dataclass(frozen=True)
@@ -429,7 +432,7 @@ class LayerSteps:
     def for_head(self, head: int) -> LayerSteps:
         """The single-head view of an all-heads record (``head`` counted from 0)."""
         if self.head is not None:
-            raise ValueError(f"for_head needs an all-heads record (head=None), this one has head={self.head}")
+            raise AttnlabInputError(f"for_head needs an all-heads record (head=None), this one has head={self.head}")
         _check_index("head", head, self.num_heads)
         cols = slice(head * self.head_dim, (head + 1) * self.head_dim)
         return replace(
@@ -452,15 +455,15 @@ class LayerSteps:
 
 def _check_index(argument: str, value: Any, size: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < size:
-        raise ValueError(f"{argument} must be an integer from 0 to {size - 1} (0-based), got {value!r}")
+        raise AttnlabInputError(f"{argument} must be an integer from 0 to {size - 1} (0-based), got {value!r}")
     return value
 
 
 def _check_text(text: Any, argument: str = "text") -> str:
     if not isinstance(text, str):
-        raise TypeError(f"{argument} must be a str, got {type(text).__name__}")
+        raise AttnlabInputTypeError(f"{argument} must be a str, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError(f"{argument} must be a non-empty string (some non-whitespace text), got {text!r}")
+        raise AttnlabInputError(f"{argument} must be a non-empty string (some non-whitespace text), got {text!r}")
     return text
 
 
@@ -620,7 +623,7 @@ class SentenceEncoder(nn.Module):
             sentences = [sentences]
         sentences = list(sentences)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise AttnlabInputError(f"batch_size must be a positive integer, got {batch_size!r}")
         for i, s in enumerate(sentences):
             _check_text(s, f"sentences[{i}]")
         out = torch.empty((len(sentences), self.embedding_dim), dtype=torch.float32, device=self.device)
@@ -679,7 +682,7 @@ class SentenceEncoder(nn.Module):
         encoding, ids, mask, types = self._single(text)
         encoder_layer = self.layers[layer]
         if not isinstance(encoder_layer, EncoderLayer):
-            raise TypeError(f"layers[{layer}] must be an EncoderLayer, got {type(encoder_layer).__name__}")
+            raise AttnlabInputTypeError(f"layers[{layer}] must be an EncoderLayer, got {type(encoder_layer).__name__}")
         mha = encoder_layer.attention
         h, hd = self.num_heads, self.config.bert.head_dim
         with torch.no_grad():
@@ -771,10 +774,10 @@ def _load_weights(model: SentenceEncoder, path: Path) -> None:
     with torch.no_grad():
         for ours, theirs in mapping.items():
             if theirs not in state:
-                raise ValueError(f"{path}: the checkpoint has no tensor {theirs!r} (needed for {ours!r})")
+                raise AttnlabInputError(f"{path}: the checkpoint has no tensor {theirs!r} (needed for {ours!r})")
             tensor = state[theirs]
             if tuple(tensor.shape) != tuple(params[ours].shape):
-                raise ValueError(
+                raise AttnlabInputError(
                     f"{path}: tensor {theirs!r} has shape {tuple(tensor.shape)}, "
                     f"expected {tuple(params[ours].shape)} for {ours!r}"
                 )
@@ -788,7 +791,7 @@ def load_encoder(name: str = "all-MiniLM-L6-v2", *, backend: str = "auto") -> Se
     case-insensitive). ``backend`` is passed to every :class:`attnlab.MultiHeadAttention`.
     Needs ``pip install 'attnlab[models]'``. Returns the encoder in eval mode, on the CPU.
     """
-    canonical = _canonical_name(name)
+    canonical = canonical_name(name)
     tokenizers = _require("tokenizers", "tokenizers")
     _require("safetensors", "safetensors")
     directory = model_dir(canonical)
@@ -854,7 +857,7 @@ class HFModel:
                 f"{self.name}; it was truncated to its first {self.max_tokens} tokens", UserWarning, stacklevel=3)
             ids = ids[: self.max_tokens]
         if not ids:
-            raise ValueError(f"text gives no tokens with {self.name}'s tokenizer, got {text!r}")
+            raise AttnlabInputError(f"text gives no tokens with {self.name}'s tokenizer, got {text!r}")
         return ids, truncated
 
     def _record(self, ids: list[int], inputs: dict[int, Tensor] | None = None) -> list[Any]:
@@ -878,7 +881,7 @@ class HFModel:
             for hook in hooks:
                 hook.remove()
         if not calls:
-            raise ValueError(f"{self.name}: no attention call went through attnlab's attention (is it a model "
+            raise AttnlabInputError(f"{self.name}: no attention call went through attnlab's attention (is it a model "
                              "whose attention transformers dispatches through AttentionInterface?)")
         return calls
 
@@ -897,13 +900,13 @@ class HFModel:
         _check_index("head", head, n_heads)
         module = call.module
         if call.softcap is not None:
-            raise ValueError(f"{self.name} caps its attention scores (softcap={call.softcap}); the step-by-step "
+            raise AttnlabInputError(f"{self.name} caps its attention scores (softcap={call.softcap}); the step-by-step "
                              "walkthrough shows plain softmax attention only: use attnlab report --model")
         names = next((n for n in (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
                       if all(isinstance(getattr(module, a, None), nn.Linear) for a in n)), None)
         if names is None or id(module) not in inputs or call.query is None or call.key is None or call.value is None:
             kind = type(module).__name__ if module is not None else "unknown"
-            raise ValueError(f"{self.name}'s attention ({kind}) has no separate q / k / v nn.Linear projections "
+            raise AttnlabInputError(f"{self.name}'s attention ({kind}) has no separate q / k / v nn.Linear projections "
                              "(q_proj/k_proj/v_proj or query/key/value): the walkthrough cannot show one head's "
                              "slices; attnlab report --model and heatmap --model show every layer and head")
         x = inputs[id(module)][0]  # (T, D)
@@ -919,7 +922,7 @@ class HFModel:
         queries, keys, values = q_all[head], k_all[kv], v_all[kv]  # (T, hd) each
         rotary = not (_same(linear[0], queries) and _same(linear[1], keys))
         if not _same(linear[2], values):
-            raise ValueError(f"{self.name}'s values are not x @ W_value + b_value of the attention module's "
+            raise AttnlabInputError(f"{self.name}'s values are not x @ W_value + b_value of the attention module's "
                              "input: the walkthrough cannot follow this architecture; use attnlab report --model")
         allowed = call.allowed[0, 0 if call.allowed.shape[1] == 1 else head]  # (T, T) bool
         scores = F.all_pair_scores(queries, keys) * call.scaling  # (T, T)
@@ -995,7 +998,7 @@ def load_model_dir(path: str | Path) -> HFModel:
     not a model, a model transformers does not know, or one without a tokenizer."""
     directory = Path(path).expanduser()
     if not is_model_dir(directory):
-        raise ValueError(f"model must be a directory with a config.json (a save_pretrained model), got {str(path)!r}")
+        raise AttnlabInputError(f"model must be a directory with a config.json (a save_pretrained model), got {str(path)!r}")
     transformers = _require("transformers", "transformers")
     from attnlab import hf
 
@@ -1011,11 +1014,11 @@ def load_model_dir(path: str | Path) -> HFModel:
             model = transformers.AutoModel.from_pretrained(
                 directory, local_files_only=True, attn_implementation="attnlab_eager", dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"model {str(path)!r}: transformers cannot load it: {str(exc).splitlines()[0]}") from None
+            raise AttnlabInputError(f"model {str(path)!r}: transformers cannot load it: {str(exc).splitlines()[0]}") from None
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"model {str(path)!r} has no tokenizer transformers can load (save one with "
+            raise AttnlabInputError(f"model {str(path)!r} has no tokenizer transformers can load (save one with "
                              f"tokenizer.save_pretrained): {str(exc).splitlines()[0]}") from None
     finally:
         logging.set_verbosity(verbosity)

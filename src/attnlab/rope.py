@@ -21,18 +21,31 @@ sequence; with a cache, the cached tokens come first; with context parallelism, 
 positions; with ``document_ids``, from 0 in each document). Any callable (or ``nn.Module``) with this signature and shape-preserving results is a
 positional scheme (:class:`PositionalEncoding`); :class:`RotaryEmbedding` is the built-in one.
 
+A scheme may also bias the scores: when it has a method
+``score_bias(query_positions, key_positions) -> Tensor`` (float, broadcastable to (B, H, T_q, T_k)),
+the module adds it to every score (the positions of the keys as attended: with a cache, the cached
+tokens' ones). :class:`attnlab.alibi.ALiBi` is one (it rotates nothing). Schemes by name,
+``MultiHeadAttention(rope="alibi")``, come from :data:`SCHEMES` (:func:`register_scheme` adds one);
+``rope=True`` is ``rope="rope"``. A scheme with a score bias needs a backend that reads a float mask
+(not ``"flash"``) and no context parallelism.
+
 Shape letters: B batch, H query heads, H_kv key/value heads, T tokens, hd head_dim.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PositionalEncoding", "RotaryEmbedding", "apply_rope", "rope_angles", "rotate_half"]
+from attnlab.alibi import ALiBi
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+
+__all__ = ["PositionalEncoding", "RotaryEmbedding", "SCHEMES", "apply_rope", "make_positional", "register_scheme",
+           "rope_angles", "rotate_half", "score_bias_of"]
 
 
 @runtime_checkable
@@ -57,7 +70,7 @@ def rope_angles(
     halves (the rotate-half layout).  Returns two tensors of shape (*P, head_dim).
     """
     if head_dim % 2:
-        raise ValueError(f"rotary embeddings need an even head_dim, got head_dim={head_dim}")
+        raise AttnlabInputError(f"rotary embeddings need an even head_dim, got head_dim={head_dim}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
     angles = positions.to(dtype)[..., None] * inv_freq  # (*P, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (*P, hd)
@@ -88,9 +101,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim >= 2, got head_dim={head_dim!r}")
+            raise AttnlabInputError(f"rotary embeddings need an even head_dim >= 2, got head_dim={head_dim!r}")
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not 1.0 < base < math.inf:
-            raise ValueError(f"rope_base must be a finite number > 1 (10000.0 in Llama 2, 500000.0 in Llama 3), "
+            raise AttnlabInputError(f"rope_base must be a finite number > 1 (10000.0 in Llama 2, 500000.0 in Llama 3), "
                              f"got {base!r}")
         self.head_dim, self.base = head_dim, float(base)
 
@@ -99,10 +112,57 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, queries: Tensor, keys: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         if queries.shape[-1] != self.head_dim or keys.shape[-1] != self.head_dim:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"RotaryEmbedding was built for head_dim={self.head_dim}, got queries {tuple(queries.shape)} "
                 f"and keys {tuple(keys.shape)}"
             )
         dtype = torch.promote_types(queries.dtype, torch.float32)
         cos, sin = rope_angles(positions, self.head_dim, self.base, dtype=dtype)  # (T, hd) or (B, T, hd)
         return apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)  # (B, H, T, hd), (B, H_kv, T, hd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Positional schemes by name: what ``MultiHeadAttention(rope=...)`` accepts
+# --------------------------------------------------------------------------------------------------
+
+#: Name -> ``factory(head_dim, num_heads, base)`` of a positional scheme.
+SCHEMES: dict[str, Callable[[int, int, float], nn.Module]] = {
+    "rope": lambda head_dim, num_heads, base: RotaryEmbedding(head_dim, base),
+    "alibi": lambda head_dim, num_heads, base: ALiBi(num_heads),
+}
+
+
+def register_scheme(name: str, factory: Callable[[int, int, float], nn.Module], *, replace: bool = False) -> None:
+    """Make ``MultiHeadAttention(rope=name)`` build ``factory(head_dim, num_heads, rope_base)``."""
+    if not isinstance(name, str) or not name:
+        raise AttnlabInputError(f"name must be a non-empty str, got {name!r}")
+    if not callable(factory):
+        raise AttnlabInputTypeError(f"factory must be callable, got {type(factory).__name__}")
+    if name in SCHEMES and not replace:
+        raise AttnlabInputError(f"a positional scheme named {name!r} is already registered; pass replace=True")
+    SCHEMES[name] = factory
+
+
+def make_positional(rope: object, *, head_dim: int, num_heads: int, base: float) -> nn.Module | PositionalEncoding | None:
+    """``rope=None/False``: nothing; ``True``: rotary embeddings; a name of :data:`SCHEMES`; a callable: the
+    user's scheme (kept as given)."""
+    if rope is None or rope is False:
+        return None
+    if rope is True:
+        rope = "rope"
+    if isinstance(rope, str):
+        if rope not in SCHEMES:
+            raise AttnlabInputTypeError(f"rope must be None, True or a callable (queries, keys, positions) -> "
+                                        f"(queries, keys), or a scheme's name, one of {sorted(SCHEMES)}; got {rope!r}")
+        return SCHEMES[rope](head_dim, num_heads, base)
+    if callable(rope):
+        return rope
+    raise AttnlabInputTypeError(f"rope must be None, True or a callable (queries, keys, positions) -> (queries, keys), "
+                                f"got {type(rope).__name__}")
+
+
+def score_bias_of(scheme: object) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The scheme's ``score_bias`` method, or None when it only rotates."""
+    if not callable(getattr(type(scheme), "score_bias", None)):  # the class: no nn.Module attribute miss
+        return None
+    return cast(Callable[[Tensor, Tensor], Tensor], scheme.score_bias)  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from attnlab import functional as F
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 
 __all__ = ["MASK_KINDS", "Case", "assert_same_function", "cases"]
 
@@ -80,7 +81,7 @@ def cases(
     masks = tuple(masks)
     for m in masks:
         if m not in MASK_KINDS:
-            raise ValueError(f"masks must be among {MASK_KINDS}, got {m!r}")
+            raise AttnlabInputError(f"masks must be among {MASK_KINDS}, got {m!r}")
     structures: list[tuple[bool, int | None]] = [(False, None)]
     if causal:
         structures.append((True, None))
@@ -216,12 +217,12 @@ def assert_same_function(
         from attnlab import backends
 
         if fn not in backends.BACKENDS:
-            raise ValueError(f"fn must be callable or a registered backend {sorted(backends.BACKENDS)}, got {fn!r}")
+            raise AttnlabInputError(f"fn must be callable or a registered backend {sorted(backends.BACKENDS)}, got {fn!r}")
         fn = backends.BACKENDS[fn]
     if not callable(fn):
-        raise TypeError(f"fn must be callable or a backend name, got {type(fn).__name__}")
+        raise AttnlabInputTypeError(f"fn must be callable or a backend name, got {type(fn).__name__}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        raise AttnlabInputTypeError(f"dtype must be a floating-point dtype, got {dtype}")
     low = dtype in (torch.float16, torch.bfloat16)
     if atol is None:
         atol = {torch.float64: 1e-10, torch.float32: 2e-5}.get(dtype, 1e-3)

@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from attnlab import backends
 from attnlab import functional as F
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import causal_mask
 from attnlab.modules import (
     CausalAttention,
@@ -60,6 +61,9 @@ from attnlab.modules import (
     _check_positive_int,
     _check_x,
 )
+
+if TYPE_CHECKING:  # imported where used: some torch builds lack FlexAttention
+    from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = [
     "SDPAMHA",
@@ -105,7 +109,7 @@ VARIANTS: dict[str, type[_Variant]] = {}
 def _register(name: str) -> Callable[[type[_V]], type[_V]]:
     def add(cls: type[_V]) -> type[_V]:
         if name in VARIANTS:
-            raise ValueError(f"variant {name!r} is already registered")
+            raise AttnlabInputError(f"variant {name!r} is already registered")
         cls.variant_name = name
         VARIANTS[name] = cls
         return cls
@@ -388,7 +392,7 @@ class TorchMHA(_Variant):
         super().__init__()
         _check_args(d_in, d_out, context_length, dropout, num_heads)
         if d_in != d_out:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{self.variant_name} needs d_in == d_out (torch.nn.MultiheadAttention projects queries "
                 f"from embed_dim = d_out features), got d_in={d_in} and d_out={d_out}"
             )
@@ -431,7 +435,7 @@ class TorchMHANoWeights(TorchMHA):
 # --------------------------------------------------------------------------------------------------
 
 
-def _causal_mask_mod(b, h, q_idx, kv_idx):
+def _causal_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     """FlexAttention ``mask_mod``: True where query ``q_idx`` may attend key ``kv_idx`` (T_q == T_k)."""
     return q_idx >= kv_idx
 
@@ -475,13 +479,13 @@ class FlexMHA(_FusedQKV):
             raise VariantUnavailableError(f"variant 'flex' is unavailable: {reason}")
         super().__init__(d_in, d_out, context_length, dropout, num_heads, qkv_bias)
         if dropout > 0.0:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"variant 'flex' does not support dropout on the attention weights, got dropout={dropout}; "
                 "use dropout=0.0"
             )
-        self._block_masks: dict[tuple[int, str], object] = {}
+        self._block_masks: dict[tuple[int, str], BlockMask] = {}
 
-    def _block_mask(self, num_tokens: int, device: torch.device):
+    def _block_mask(self, num_tokens: int, device: torch.device) -> BlockMask:
         from torch.nn.attention.flex_attention import create_block_mask
 
         key = (num_tokens, str(device))
@@ -555,11 +559,11 @@ def from_reference(name: str, mha: MultiHeadAttention) -> nn.Module:
     :class:`MultiHeadAttention`, :class:`VariantUnavailableError` if the variant cannot run here.
     """
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; valid names: {', '.join(VARIANTS)}")
+        raise AttnlabInputError(f"unknown variant {name!r}; valid names: {', '.join(VARIANTS)}")
     if not isinstance(mha, MultiHeadAttention):
-        raise TypeError(f"mha must be an attnlab.MultiHeadAttention, got {type(mha).__name__}")
+        raise AttnlabInputTypeError(f"mha must be an attnlab.MultiHeadAttention, got {type(mha).__name__}")
     if not mha.causal:
-        raise ValueError("from_reference needs a causal MultiHeadAttention (causal=True); every variant is causal")
+        raise AttnlabInputError("from_reference needs a causal MultiHeadAttention (causal=True); every variant is causal")
     param = mha.W_query.weight
     variant = VARIANTS[name](
         mha.d_in, mha.d_out, mha.context_length, mha.dropout.p, mha.num_heads,

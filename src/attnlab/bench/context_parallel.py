@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 
@@ -126,25 +128,25 @@ def _rank_worker(rank: int, world: int, cfg: CPConfig, method: str) -> dict:
     if method == "single":
         t_l = cfg.tokens
 
-        def attend(q, k, v):
-            return flash_attention(q, k, v, causal=cfg.causal)
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return cast(torch.Tensor, flash_attention(q, k, v, causal=cfg.causal))  # no return_lse: one tensor
     else:
         cp = ContextParallel(None, method, block_size=cfg.block_size)
         cp.seq_len = cfg.tokens  # as cp.shard(x) would record for the whole sequence
         t_l = cp.layout.local_length(cfg.tokens)
 
-        def attend(q, k, v):
-            return cp.attention(q, k, v, causal=cfg.causal)
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return cast(torch.Tensor, cp.attention(q, k, v, causal=cfg.causal))  # no return_lse: one tensor
 
     shape = (cfg.batch, cfg.heads, t_l, cfg.head_dim)
     q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))  # (B, H, T_l, d)
     grad = torch.randn(shape, dtype=dtype, device=device)  # (B, H, T_l, d)
 
-    def fwd():
+    def fwd() -> None:
         with torch.no_grad():
             attend(q, k, v)
 
-    def fwd_bwd():
+    def fwd_bwd() -> None:
         qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
         attend(qs, ks, vs).backward(grad)
 
@@ -188,7 +190,7 @@ def _barrier(method: str) -> None:
         dist.barrier()
 
 
-def run_cp_bench(cfg: CPConfig, on_progress=None) -> list[CPResult]:
+def run_cp_bench(cfg: CPConfig, on_progress: Callable[[str], None] | None = None) -> list[CPResult]:
     """Run the single-process baseline, then every method on ``cfg.world`` local processes."""
     from attnlab.distributed import LocalRunError, run_local
 
@@ -252,10 +254,10 @@ def render_cp_table(cfg: CPConfig, results: list[CPResult]) -> str:
             rows.append((r.method, r.mesh, f"error: {short}") + ("",) * (len(head) - 3))
             continue
 
-        def ms(x):
+        def ms(x: float | None) -> str:
             return "—" if x is None else f"{x * 1e3:.0f}"
 
-        def frac(x):
+        def frac(x: float | None) -> str:
             return "—" if x is None else f"{x:.0%}"
 
         rows.append((
@@ -287,33 +289,3 @@ def render_cp_table(cfg: CPConfig, results: list[CPResult]) -> str:
 
 def report_dict(cfg: CPConfig, results: list[CPResult]) -> dict:
     return {"config": asdict(cfg), "results": [asdict(r) for r in results]}
-
-
-def main(args) -> int:
-    """``attnlab bench --context-parallel P`` (the parsed arguments of :mod:`attnlab.cli.bench`)."""
-    import json
-    import sys
-
-    from attnlab.cli import UsageError
-
-    if args.device == "cuda":
-        raise UsageError("--context-parallel runs local gloo processes on the CPU; for GPUs launch "
-                         "attnlab.distributed with torchrun and the nccl backend (see the README)")
-    if args.json is not None and args.json.exists() and not args.force:
-        raise UsageError(f"--json {args.json} already exists; pass --force to overwrite it")
-    cfg = CPConfig(
-        world=args.context_parallel,
-        tokens=args.tokens or 16384,
-        batch=args.batch or 1,
-        heads=args.heads or 4,
-        dtype=args.dtype or "float32",
-        repeats=args.repeats or 3,
-        warmup=0 if args.warmup is None else args.warmup,
-        threads=args.threads or 1,
-    )
-    progress = None if args.no_progress else (lambda m: print(f"bench --context-parallel: {m} ...", file=sys.stderr))
-    results = run_cp_bench(cfg, on_progress=progress)
-    print(render_cp_table(cfg, results))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report_dict(cfg, results), indent=2) + "\n", encoding="utf-8")
-    return 0 if all(r.error is None for r in results) else 1

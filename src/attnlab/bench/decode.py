@@ -35,6 +35,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from attnlab.errors import AttnlabInputError
 from attnlab.latent import MultiHeadLatentAttention
 from attnlab.modules import MultiHeadAttention
 
@@ -125,7 +126,7 @@ class _Block(nn.Module):
         self.att = _attention(cfg, variant)
         self.ff = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cache: Any = None) -> Tensor:
         x = x + self.att(self.norm1(x), cache=cache)  # (B, T, d)
         return x + self.ff(self.norm2(x))  # (B, T, d)
 
@@ -372,9 +373,9 @@ def _run_decode(
 
     unknown = [v for v in cfg.variants if v not in VARIANT_NAMES]
     if unknown or not cfg.variants:
-        raise ValueError(f"unknown decode variant(s) {unknown or '(none)'}; valid names: {', '.join(VARIANT_NAMES)}")
+        raise AttnlabInputError(f"unknown decode variant(s) {unknown or '(none)'}; valid names: {', '.join(VARIANT_NAMES)}")
     if cfg.prompt_tokens + cfg.new_tokens > cfg.model.context_length:
-        raise ValueError(f"prompt_tokens + new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the "
+        raise AttnlabInputError(f"prompt_tokens + new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the "
                          f"model's context_length={cfg.model.context_length}")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -445,7 +446,7 @@ def _fmt(value: float, digits: int = 3) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.{digits}g}"
 
 
-def render_decode_table(report: DecodeReport):
+def render_decode_table(report: DecodeReport) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -534,64 +535,3 @@ def plot_kv_memory(report: DecodeReport, path: str | Path, max_tokens: int | Non
 def with_overrides(cfg: DecodeConfig, **overrides: Any) -> DecodeConfig:
     """``cfg`` with the given fields replaced (``None`` values are ignored)."""
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
-# --------------------------------------------------------------------------------------------------
-# ``attnlab bench --decode`` (called by attnlab.cli.bench with its parsed arguments)
-# --------------------------------------------------------------------------------------------------
-
-_NOT_FOR_DECODE = ("batch", "width", "heads", "dtype", "mode", "baseline", "repeats", "rounds", "warmup",
-                   "window", "documents")
-
-
-def main(args) -> int:
-    import sys
-
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from attnlab.cli import UsageError
-    from attnlab.cli.bench import _check_output
-
-    given = [f"--{k}" for k in _NOT_FOR_DECODE if getattr(args, k, None) not in (None, False)]
-    if getattr(args, "compile", False):
-        given.append("--compile")
-    if given:
-        raise UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --decode "
-                         "(it runs the GPT-2-124M shape; --quick for a small one)")
-    cfg = DECODE_QUICK if args.quick else DECODE_DEFAULT
-    variants = None
-    if args.variants is not None:
-        variants = tuple(n.strip() for n in args.variants.split(",") if n.strip())
-        bad = [n for n in variants if n not in VARIANT_NAMES]
-        if bad or not variants or len(set(variants)) != len(variants):
-            raise UsageError(f"--variants for --decode: give distinct names from {', '.join(VARIANT_NAMES)}, "
-                             f"got {args.variants!r}")
-    cfg = with_overrides(cfg, new_tokens=args.tokens, variants=variants, device=args.device,
-                         threads=args.threads if args.threads is not None else 1)
-    if cfg.prompt_tokens + cfg.new_tokens > cfg.model.context_length:
-        raise UsageError(f"--tokens {cfg.new_tokens}: the prompt ({cfg.prompt_tokens}) and the new tokens must fit "
-                         f"the context_length of {cfg.model.context_length}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device cuda requested but CUDA is not available (torch {torch.__version__}); use --device cpu")
-    _check_output(args.json, "--json", args.force)
-    _check_output(args.plot, "--plot", args.force)
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise UsageError(f"--plot {args.plot}: give a .png file name")
-
-    err = Console(stderr=True)
-    progress = Progress(
-        TextColumn("[bold]decode[/] {task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), console=err, transient=True, disable=args.no_progress,
-    )
-    with progress:
-        task = progress.add_task("starting", total=2 * cfg.new_tokens * len(cfg.variants))
-        report = run_decode(cfg, on_start=lambda v: progress.update(task, description=v),
-                            on_step=lambda: progress.advance(task))
-    out = Console(width=None if sys.stdout.isatty() else 200)
-    out.print(render_decode_table(report))
-    if args.json is not None:
-        args.json.write_text(decode_json(report) + "\n", encoding="utf-8")
-    if args.plot is not None:
-        plot_kv_memory(report, args.plot)
-    return 0

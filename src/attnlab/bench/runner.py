@@ -140,7 +140,8 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _run_in_worker(ctx, target: Callable, args: tuple, on_tick: Callable[[], None]) -> dict[str, Any]:
+def _run_in_worker(ctx: Any, target: Callable[..., None], args: tuple[Any, ...], on_tick: Callable[[], None],
+                   ) -> dict[str, Any]:
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=target, args=(*args, child), daemon=True)
     proc.start()

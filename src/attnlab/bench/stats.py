@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from attnlab.errors import AttnlabInputError
+
 __all__ = ["Summary", "attention_flops", "matmul_flops", "percentile", "summarize"]
 
 
@@ -36,9 +38,9 @@ class Summary:
 def percentile(sorted_values: list[float], p: float) -> float:
     """The ``p``-th percentile (0..100) of already sorted values, linear interpolation."""
     if not sorted_values:
-        raise ValueError("percentile of no values")
+        raise AttnlabInputError("percentile of no values")
     if not 0.0 <= p <= 100.0:
-        raise ValueError(f"p must be in [0, 100], got {p}")
+        raise AttnlabInputError(f"p must be in [0, 100], got {p}")
     pos = (len(sorted_values) - 1) * p / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
@@ -47,7 +49,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 def summarize(samples: list[float]) -> Summary:
     """Median, quartiles, min and max of the samples (seconds)."""
     if not samples:
-        raise ValueError("cannot summarize zero samples (use repeats >= 1)")
+        raise AttnlabInputError("cannot summarize zero samples (use repeats >= 1)")
     s = sorted(samples)
     return Summary(
         n=len(s), median=percentile(s, 50), q1=percentile(s, 25), q3=percentile(s, 75), min=s[0], max=s[-1]

@@ -24,19 +24,22 @@ Shape letters: B batch, T tokens, d width (d_in = d_out), N the matmul size.
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.fx.experimental.symbolic_shapes  # imported once in the fork server, not by each
 import torch.nn.attention.flex_attention  # worker at its first call (seconds each)
 
 from attnlab.bench.memory import PeakMemory
+from attnlab.errors import AttnlabInputError
 from attnlab.modules import MultiHeadAttention
 from attnlab.variants import VARIANTS, VariantUnavailableError
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 __all__ = ["measure_matmul", "measure_variant"]
 
@@ -53,7 +56,7 @@ DTYPES = {
 # --------------------------------------------------------------------------------------------------
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
     """Seconds one call of ``fn`` takes, synchronised on CUDA."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -93,7 +96,7 @@ def _setup(cfg: dict[str, Any]) -> torch.device:
 # --------------------------------------------------------------------------------------------------
 
 
-def measure_variant(cfg: dict[str, Any], name: str, conn) -> None:
+def measure_variant(cfg: dict[str, Any], name: str, conn: Connection) -> None:
     """Build, warm up and time variant ``name`` under ``cfg``; send the result dict on ``conn``."""
     try:
         result = _measure_variant(cfg, name, conn)
@@ -104,7 +107,7 @@ def measure_variant(cfg: dict[str, Any], name: str, conn) -> None:
     conn.close()
 
 
-def _measure_variant(cfg: dict[str, Any], name: str, conn) -> dict[str, Any]:
+def _measure_variant(cfg: dict[str, Any], name: str, conn: Connection) -> dict[str, Any]:
     device = _setup(cfg)
     dtype = DTYPES[cfg["dtype"]]
     b, t, d, h = cfg["batch"], cfg["tokens"], cfg["width"], cfg["heads"]
@@ -167,7 +170,8 @@ def _measure_variant(cfg: dict[str, Any], name: str, conn) -> dict[str, Any]:
 _MASKED_VARIANTS = ("ch03", "attnlab", "flash")  # the MultiHeadAttention-based ones: they take window_size
 
 
-def _packed_documents(model, name: str, b: int, t: int, documents: int, device: torch.device) -> dict[str, Any]:
+def _packed_documents(model: torch.nn.Module, name: str, b: int, t: int, documents: int,
+                      device: torch.device) -> dict[str, Any]:
     """--documents D: D documents of T/D tokens per sequence, a token attends only within its own (causal inside).
 
     The flash variant gets the document ids themselves (its kernel skips the tiles between documents), through
@@ -180,19 +184,21 @@ def _packed_documents(model, name: str, b: int, t: int, documents: int, device: 
     if name != "flash":
         return {"attn_mask": (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])}  # (B, 1, T, T)
 
-    def flash_documents(q, k, v, *, mask=None, causal=False, window=None, scale=None, dropout_p=0.0,
-                        training=True):
+    def flash_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None = None,
+                        causal: bool = False, window: int | None = None, scale: float | None = None,
+                        dropout_p: float = 0.0, training: bool = True) -> torch.Tensor:
         if mask is not None:
-            raise ValueError("the flash-documents backend of attnlab bench takes no mask")
-        return flash_attention(q, k, v, causal=causal, window=window, document_ids=doc_ids, scale=scale,
-                               dropout_p=dropout_p if training else 0.0)  # (B, H, T, hd)
+            raise AttnlabInputError("the flash-documents backend of attnlab bench takes no mask")
+        out = flash_attention(q, k, v, causal=causal, window=window, document_ids=doc_ids, scale=scale,
+                              dropout_p=dropout_p if training else 0.0)  # (B, H, T, hd)
+        return cast(torch.Tensor, out)  # without return_lse: one tensor
 
     backends.register("flash-documents", flash_documents, replace=True)
-    model.backend = "flash-documents"
+    cast(Any, model).backend = "flash-documents"  # a plain attribute, not a parameter or buffer
     return {}
 
 
-def measure_matmul(cfg: dict[str, Any], n: int, conn) -> None:
+def measure_matmul(cfg: dict[str, Any], n: int, conn: Connection) -> None:
     """This machine's matrix-multiply rate at ``cfg``'s dtype and device: median GFLOP/s of
     (N × N) @ (N × N) over ``repeats`` calls after one warm-up; sends ``{"status", "times_s", "n"}``."""
     try:
@@ -209,7 +215,3 @@ def measure_matmul(cfg: dict[str, Any], n: int, conn) -> None:
         result = {"status": "error", "note": _first_line(exc), "n": n}
     conn.send(("result", result))
     conn.close()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("attnlab.bench.worker is run by attnlab.bench.runner")

@@ -1,14 +1,25 @@
-"""``attnlab bench``: argument parsing for the benchmark; the work is :mod:`attnlab.bench`."""
+"""``attnlab bench``: argument parsing for the benchmark; the work is :mod:`attnlab.bench`.
+
+The two other benchmarks behind the same command have their options' meaning in their own modules here:
+``--decode`` in :mod:`attnlab.cli.bench_decode` (measured by :mod:`attnlab.bench.decode`) and
+``--context-parallel P`` in :mod:`attnlab.cli.bench_context_parallel` (:mod:`attnlab.bench.context_parallel`).
+The output files (``--json``, ``--plot``) are checked here first, for all three.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attnlab.cli import UsageError
-from attnlab.cli.options import check_writable
+from attnlab.cli.options import check_output_option, write_output
+
+if TYPE_CHECKING:
+    from attnlab.bench import BenchConfig
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -17,7 +28,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 MAX_INT = 2**31 - 1
 
 
-def _int_at_least(low: int, words: str):
+def _int_at_least(low: int, words: str) -> Callable[[str], int]:
     """An argparse type: an int from ``low`` to ``MAX_INT`` (``words`` says so in the error)."""
 
     def parse(text: str) -> int:
@@ -39,7 +50,7 @@ _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="time the multi-head attention variants side by side",
@@ -98,7 +109,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> BenchConfig:
     from attnlab.bench import DEFAULT, QUICK
     from attnlab.variants import VARIANTS
 
@@ -155,7 +166,7 @@ def _memory_bytes() -> int | None:
         return None
 
 
-def _check_memory(cfg, names: tuple[str, ...]) -> None:
+def _check_memory(cfg: BenchConfig, names: tuple[str, ...]) -> None:
     """Refuse, before any process starts, a setting whose inputs alone (x, q, k, v and the output, plus the
     scores of the variants that hold every (query, key) pair) cannot fit in this machine's memory."""
     if cfg.device != "cpu":
@@ -173,40 +184,29 @@ def _check_memory(cfg, names: tuple[str, ...]) -> None:
                          f"{total / 2**30:.3g} GiB; give smaller sizes (--quick for a small setting)")
 
 
-def _check_output(path: Path | None, option: str, force: bool) -> None:
-    """Before any work: an output file that can be written (its folder exists and takes a new file, an
-    existing file only with --force and only if it is writable), so no benchmark runs for nothing."""
-    if path is None:
-        return
-    check_writable(path, option, force=force)
-
-
-def write_output(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` all at once (a temporary file beside it, renamed when complete): a failure
-    leaves no half-written file."""
-    from attnlab.maps import write_atomically
-
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def write_text(path: Path, option: str, text: str) -> None:
+    """Write ``text`` to the file of ``option`` all at once (:func:`attnlab.cli.options.write_output`)."""
+    write_output(path, option, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def run(args: argparse.Namespace) -> int:
     # The output files first, in every mode: a benchmark that cannot save its results does not start.
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {args.plot}: give a .png file name")
-    _check_output(args.json, "--json", args.force)
-    _check_output(args.plot, "--plot", args.force)
+    check_output_option(args.json, "--json", force=args.force)
+    check_output_option(args.plot, "--plot", force=args.force)
     if getattr(args, "decode", False):
         if getattr(args, "context_parallel", None) is not None:
             raise UsageError("--decode and --context-parallel are separate benchmarks; give one of them")
-        from attnlab.bench.decode import main as decode_main
+        from attnlab.cli.bench_decode import run_decode_bench
 
-        return decode_main(args)
+        return run_decode_bench(args)
     if getattr(args, "context_parallel", None) is not None:
         if args.plot is not None:
             raise UsageError("--plot applies to the variants and --decode benchmarks, not to --context-parallel")
-        from attnlab.bench.context_parallel import main as context_parallel_main
+        from attnlab.cli.bench_context_parallel import run_context_parallel_bench
 
-        return context_parallel_main(args)
+        return run_context_parallel_bench(args)
     cfg = _config(args)
 
     from rich.console import Console
@@ -232,9 +232,9 @@ def run(args: argparse.Namespace) -> int:
     out = Console(width=None if sys.stdout.isatty() else 180)
     out.print(render_table(report))
     if args.json is not None:
-        write_output(args.json, report_json(report) + "\n")
+        write_text(args.json, "--json", report_json(report) + "\n")
     if args.plot is not None:
         from attnlab.bench.plot import plot_report
 
-        plot_report(report, args.plot)
+        write_output(args.plot, "--plot", lambda tmp: plot_report(report, tmp))
     return 0

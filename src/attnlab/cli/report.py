@@ -1,31 +1,30 @@
 """``attnlab report``: argument parsing only; the page is :func:`attnlab.report.write_report` of the
 walkthrough that ``attnlab explain`` computes on the same inputs, or of a pretrained model's attention maps
-(loaded here, by :func:`attnlab.cli.options.attention_maps_from_args`; the report itself loads nothing)."""
+(loaded here, by :func:`attnlab.cli.explain.attention_maps_from_args`; the report itself loads nothing)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from attnlab.cli import UsageError
+from attnlab.cli import UsageError, first_line
+from attnlab.cli.options import about_output_file, check_output_option, output_file_error
+from attnlab.errors import AttnlabInputError
 
 __all__ = ["register", "run"]
 
 # With --model: the toy walkthrough's own options are refused (dest, flag, default), besides explain's.
-_TOY_ONLY: tuple = ()  # explain's own list (--tokens, ..., --section) covers it
+_TOY_ONLY: tuple[tuple[str, str, Any], ...] = ()  # explain's own list (--tokens, ..., --section) covers it
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnlab.cli.explain import walkthrough_from_args
-    from attnlab.cli.options import attention_maps_from_args
+    from attnlab.cli.explain import attention_maps_from_args, walkthrough_from_args
     from attnlab.report import write_report
-    from attnlab.report.html import HTML_FORMATS, check_output_path
+    from attnlab.report.html import HTML_FORMATS
 
-    try:
-        out = check_output_path(args.out, force=args.force, formats=HTML_FORMATS)  # before any work
-    except (ValueError, OSError) as exc:
-        raise UsageError(str(exc)) from None
-    select: dict = {}
+    out = check_output_option(args.out, "--out", force=args.force, formats=HTML_FORMATS)  # before any work
+    select: dict[str, Any] = {}
     if args.model is not None or args.text is not None:
         shown = attention_maps_from_args(args, _TOY_ONLY)
         select = {"layer": args.layer, "head": args.head, "query": args.query}
@@ -39,13 +38,17 @@ def run(args: argparse.Namespace) -> int:
                                  "by --section")
             select = {"head": args.head}
     try:
-        path = write_report(shown, out, force=args.force, **select)
-    except (ValueError, TypeError) as exc:
-        message = str(exc).splitlines()[0]
+        path = write_report(shown, out, force=args.force, **select)  # the page is built before the file opens
+    except AttnlabInputError as exc:
+        message = first_line(exc)
         for name in ("layer", "head", "query"):
             if message.startswith(f"{name} "):
                 message = f"--{message}"
         raise UsageError(message) from None
+    except OSError as exc:
+        if not about_output_file(exc, out):  # a package file, a cache: not the user's
+            raise
+        raise output_file_error(exc, out, "--out") from None
     size_kb = path.stat().st_size / 1024
     url = path.resolve().as_uri()
     sys.stdout.write(f"wrote {path} ({size_kb:.0f} kB): open it in a browser, e.g. {url}\n")

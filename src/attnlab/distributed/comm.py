@@ -25,10 +25,12 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
 import torch
 import torch.distributed as dist
+
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 
 __all__ = [
     "CommStats", "CommunicationError", "RingShift", "all_gather", "all_to_all", "check_same", "resolve_group",
@@ -51,6 +53,10 @@ class CommStats:
 
 
 _ACTIVE: list[CommStats] = []
+
+# What RingShift.start returns and RingShift.wait takes: the posted requests, the tensors being sent (kept
+# referenced until their transfer is done) and the buffers being received into.
+Transfer: TypeAlias = "tuple[list[dist.Work], list[torch.Tensor], list[torch.Tensor]]"
 
 
 @contextlib.contextmanager
@@ -77,7 +83,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 @contextlib.contextmanager
-def _failures(op: str, group) -> Iterator[None]:
+def _failures(op: str, group: dist.ProcessGroup | None) -> Iterator[None]:
     """Turn a backend error (a dead peer, a timeout) into a CommunicationError that says what happened."""
     try:
         yield
@@ -93,7 +99,7 @@ def _failures(op: str, group) -> Iterator[None]:
         ) from exc
 
 
-def resolve_group(group) -> tuple[dist.ProcessGroup, int, int]:
+def resolve_group(group: object) -> tuple[dist.ProcessGroup, int, int]:
     """``(group, rank in group, group size)``; ``group=None`` means the default (world) group."""
     if not dist.is_available():
         raise RuntimeError("attnlab.distributed needs torch.distributed, which this build of PyTorch lacks")
@@ -108,20 +114,20 @@ def resolve_group(group) -> tuple[dist.ProcessGroup, int, int]:
     # torch.distributed.new_group returns the int GroupMember.NON_GROUP_MEMBER on the processes it leaves out.
     if group is dist.GroupMember.NON_GROUP_MEMBER or (
             isinstance(group, int) and not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER):
-        raise ValueError(
+        raise AttnlabInputError(
             f"this process (global rank {dist.get_rank()}) is not a member of the given group: "
             "torch.distributed.new_group(ranks) returns GroupMember.NON_GROUP_MEMBER on the processes outside "
             "ranks; call the attention only on the group's members (or pass group=None for all processes)"
         )
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+        raise AttnlabInputTypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the given group")
+        raise AttnlabInputError(f"this process (global rank {dist.get_rank()}) is not a member of the given group")
     return group, rank, dist.get_world_size(group)
 
 
-def _comm_device(group, like: torch.Tensor) -> torch.device:
+def _comm_device(group: dist.ProcessGroup, like: torch.Tensor) -> torch.device:
     """Where small control tensors live: the CPU for gloo, the input's device otherwise (nccl)."""
     return torch.device("cpu") if dist.get_backend(group) == "gloo" else like.device
 
@@ -163,7 +169,7 @@ def _describe(row: tuple[int, ...]) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def check_same(group, like: torch.Tensor, what: str, *, error: BaseException | None = None, **fields: int) -> None:
+def check_same(group: dist.ProcessGroup, like: torch.Tensor, what: str, *, error: BaseException | None = None, **fields: int) -> None:
     """Raise the same ValueError on every rank when the ranks of ``group`` made different calls or passed
     different ``fields`` (sizes, flags), or when a rank's own checks of its inputs failed (``error``, see
     :func:`refuse`: that rank raises its own error, every other rank a ValueError that quotes it). ``what`` is a name of :data:`CALLS` and ``fields`` its fields, in order.
@@ -190,19 +196,19 @@ def check_same(group, like: torch.Tensor, what: str, *, error: BaseException | N
     refused = [r for r, row in enumerate(rows) if row[0] == _MAGIC and row[-1]]
     if refused:
         messages: list[str | None] = [None] * world
-        mine_text = None if error is None else f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        mine_text = None if error is None else f"{_kind(error)}: {str(error).splitlines()[0]}"
         with _failures(f"{what}: gathering why a rank refused its inputs", group):
             dist.all_gather_object(messages, mine_text, group=group)
         if error is not None:  # a rank that refused raises its own error, as it would alone
             raise error
         why = "; ".join(f"rank {r}: {messages[r]}" for r in refused)
-        raise ValueError(f"{what}: stopped on every rank before any data moved, because rank(s) "
+        raise AttnlabInputError(f"{what}: stopped on every rank before any data moved, because rank(s) "
                          f"{', '.join(map(str, refused))} refused their inputs: {why}")
     for r, row in enumerate(rows):
         if row == rows[0]:
             continue
         if row[:2] != rows[0][:2]:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{what}: the ranks made different calls: rank 0 called {_describe(rows[0])} but rank {r} called "
                 f"{_describe(row)}. Every rank of the group must call the same context-parallel function with shards "
                 "of the same shape (use one ContextParallel(group, method) on every rank)"
@@ -210,14 +216,14 @@ def check_same(group, like: torch.Tensor, what: str, *, error: BaseException | N
         a, b = rows[0][3:3 + len(fields)], row[3:3 + len(fields)]
         diffs = ", ".join(f"{name} {_value(name, x)} on rank 0 but {_value(name, y)} on rank {r}"
                           for name, x, y in zip(fields, a, b, strict=True) if x != y)
-        raise ValueError(
+        raise AttnlabInputError(
             f"{what}: the ranks disagree: {diffs}. Every rank must pass local shards of the same shape "
             "(split the sequence with ContextParallel.shard, which pads it to a length all ranks share), with the "
             "same flags and layout"
         )
 
 
-def refuse(group, like: object, what: str, error: BaseException) -> NoReturn:
+def refuse(group: dist.ProcessGroup, like: object, what: str, error: BaseException) -> NoReturn:
     """Raise ``error`` (a rank's own input check failed) so that the other ranks, which wait in
     :func:`check_same`, raise the same ValueError instead of hanging: this rank takes part in the header
     exchange with its refusal. Alone, or without a tensor to talk through, ``error`` itself is raised."""
@@ -234,7 +240,7 @@ def _value(field: str, value: int) -> str:
     return str(value)
 
 
-def all_gather(t: torch.Tensor, group, what: str, *, control: bool = False) -> list[torch.Tensor]:
+def all_gather(t: torch.Tensor, group: dist.ProcessGroup, what: str, *, control: bool = False) -> list[torch.Tensor]:
     """Every rank's ``t`` (same shape on all ranks), in rank order."""
     world = dist.get_world_size(group)
     if world == 1:
@@ -249,7 +255,7 @@ def all_gather(t: torch.Tensor, group, what: str, *, control: bool = False) -> l
     return every
 
 
-def all_to_all(x: torch.Tensor, group, what: str) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, what: str) -> torch.Tensor:
     """``all_to_all_single`` over dim 0: slice ``i`` of ``x`` (P, ...) goes to rank ``i``; returns (P, ...)
     whose slice ``i`` came from rank ``i``."""
     world = dist.get_world_size(group)
@@ -273,12 +279,12 @@ class RingShift:
     two streams (K/V blocks and their gradients) apart.
     """
 
-    def __init__(self, group, rank: int, world: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, rank: int, world: int) -> None:
         ranks = dist.get_process_group_ranks(group)
         self.group, self.rank, self.world = group, rank, world
         self.next, self.prev = ranks[(rank + 1) % world], ranks[(rank - 1) % world]  # global ranks
 
-    def start(self, tensors: Sequence[torch.Tensor], tag: int = 0):
+    def start(self, tensors: Sequence[torch.Tensor], tag: int = 0) -> Transfer:
         sends = [t.contiguous() for t in tensors]
         recvs = [torch.empty_like(t) for t in sends]
         # One tag per tensor, so that matching never depends on the order messages are delivered in.
@@ -289,7 +295,7 @@ class RingShift:
         _record(sent=sum(_nbytes(t) for t in sends), messages=len(sends))
         return reqs, sends, recvs
 
-    def wait(self, handle) -> list[torch.Tensor]:
+    def wait(self, handle: Transfer) -> list[torch.Tensor]:
         reqs, _sends, recvs = handle  # the sends stay referenced until their transfer is done
         t0 = time.perf_counter()
         with _failures(f"a ring step (waiting for rank {self.prev}'s block)", self.group):
@@ -297,3 +303,10 @@ class RingShift:
                 req.wait()
         _record(wait=time.perf_counter() - t0)
         return recvs
+
+
+def _kind(error: BaseException) -> str:
+    """The error's kind as a caller catches it: ValueError / TypeError for attnlab's input errors."""
+    if isinstance(error, AttnlabInputTypeError):
+        return "TypeError"
+    return "ValueError" if isinstance(error, AttnlabInputError) else type(error).__name__

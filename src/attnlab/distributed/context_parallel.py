@@ -31,6 +31,8 @@ Shape letters: B batch, T global tokens, T_l local tokens.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -39,6 +41,8 @@ from attnlab.distributed.hybrid import Mesh, hybrid_attention, make_mesh
 from attnlab.distributed.layout import LAYOUTS, Layout
 from attnlab.distributed.ring import ring_attention
 from attnlab.distributed.ulysses import ulysses_attention
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.masks import MaskSpec
 
 __all__ = ["METHODS", "ContextParallel"]
 
@@ -50,7 +54,7 @@ class _Gather(torch.autograd.Function):
     (each rank's loss may use the whole gathered tensor) and keeps this rank's rows."""
 
     @staticmethod
-    def forward(ctx, y, cp: ContextParallel, dim: int):
+    def forward(ctx: Any, y: torch.Tensor, cp: ContextParallel, dim: int) -> torch.Tensor:
         ctx.cp, ctx.dim = cp, dim
         every = comm.all_gather(y, cp.group, "ContextParallel.gather")  # P x (..., T_l, ...)
         stacked = torch.cat(every, dim=dim)  # (..., T_pad, ...) in rank order
@@ -59,7 +63,7 @@ class _Gather(torch.autograd.Function):
         return full.narrow(dim, 0, cp._true_length(full.shape[dim]))  # (..., T, ...)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         cp, dim = ctx.cp, ctx.dim
         grad = grad.contiguous()
         if cp.world > 1:
@@ -84,16 +88,17 @@ class ContextParallel:
                  tokens each rank holds; carried from ``shard`` to ``attention`` and ``gather``.
     """
 
-    def __init__(self, group=None, method: str = "ring", *, ulysses_size: int | None = None,
-                 block_size: int | None = None, backend: str = "auto", layout: str | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, method: str = "ring", *,
+                 ulysses_size: int | None = None, block_size: int | None = None, backend: str = "auto",
+                 layout: str | None = None) -> None:
         if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+            raise AttnlabInputError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         if ulysses_size is not None and method != "hybrid":
-            raise ValueError(f"ulysses_size applies to method='hybrid' only, got method={method!r}")
+            raise AttnlabInputError(f"ulysses_size applies to method='hybrid' only, got method={method!r}")
         if layout is not None and layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or None, got {layout!r}")
+            raise AttnlabInputError(f"layout must be one of {', '.join(map(repr, LAYOUTS))} or None, got {layout!r}")
         if method == "ulysses" and layout == "zigzag":
-            raise ValueError("method='ulysses' holds contiguous slices (its all-to-all puts them back in order): "
+            raise AttnlabInputError("method='ulysses' holds contiguous slices (its all-to-all puts them back in order): "
                              "use layout='contiguous' (or None), or method='ring' / 'hybrid' for the zigzag layout")
         order = layout if layout is not None else ("contiguous" if method == "ulysses" else "zigzag")
         self.group, self.rank, self.world = comm.resolve_group(group)
@@ -125,9 +130,9 @@ class ContextParallel:
         """This rank's tokens of ``x`` along ``dim`` (default 1: (B, T, ...)), padded internally so every rank
         holds the same number; records ``T`` as :attr:`seq_len` (the padding is never attended to)."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+            raise AttnlabInputTypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if not -x.dim() <= dim < x.dim():
-            raise ValueError(f"dim must index a dimension of x with shape {tuple(x.shape)}, got {dim}")
+            raise AttnlabInputError(f"dim must index a dimension of x with shape {tuple(x.shape)}, got {dim}")
         dim = dim % x.dim()
         t = x.shape[dim]
         t_pad = self.layout.padded_length(t)
@@ -144,7 +149,7 @@ class ContextParallel:
         """Every rank's shard of ``y`` back in sequence order, the padding cut off: (..., T_l, ...) -> (..., T, ...).
         Differentiable (the gradient is summed over the ranks)."""
         if not isinstance(y, torch.Tensor):
-            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+            raise AttnlabInputTypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
         return _Gather.apply(y, self, dim % y.dim())
 
     def positions(self, t_local: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -157,15 +162,19 @@ class ContextParallel:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                   key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
-                  document_ids: torch.Tensor | None = None,
-                  return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  document_ids: torch.Tensor | None = None, return_lse: bool = False,
+                  mask: MaskSpec | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Exact attention of this rank's (B, H, T_l, d) shards over the whole sequence -> (B, H, T_l, d_v),
         in this object's layout.
 
         key_padding_mask: (B, T_l) bool, True = padding (this rank's keys, sharded with :meth:`shard`);
         document_ids: (B, T_l) integer document ids of this rank's tokens (``cp.shard(doc_ids)``), packed sequences;
-        return_lse: also return the log-sum-exp (B, H, T_l) of this rank's rows, in local token order.
+        return_lse: also return the log-sum-exp (B, H, T_l) of this rank's rows, in local token order;
+        mask: the same as an :class:`attnlab.masks.MaskSpec` of this rank's shard (causal, key_padding,
+        document_ids; the other parts have no sharded form and are refused), AND'ed with the keywords.
         A NaN or inf in one position's input spreads to every row that may attend it, on every rank."""
+        if mask is not None:
+            causal, key_padding_mask, document_ids = _sharded_parts(mask, causal, key_padding_mask, document_ids)
         t_pad = q.shape[-2] * self.world if isinstance(q, torch.Tensor) and q.dim() >= 2 else 0
         seq_len = None if self.seq_len is None else min(self.seq_len, t_pad)
         order = self.layout.order
@@ -182,3 +191,16 @@ class ContextParallel:
         return hybrid_attention(q, k, v, mesh=self.mesh, causal=causal, key_padding_mask=key_padding_mask,
                                 scale=scale, seq_len=seq_len, block_size=self.block_size, layout=order,
                                 document_ids=document_ids, return_lse=return_lse)
+
+
+def _sharded_parts(mask: MaskSpec, causal: bool, key_padding_mask: torch.Tensor | None,
+                   document_ids: torch.Tensor | None) -> tuple[bool, torch.Tensor | None, torch.Tensor | None]:
+    """A mask description of this rank's shard as the ranks' parts: (causal, key padding, document ids)."""
+    if not isinstance(mask, MaskSpec):
+        raise AttnlabInputTypeError(f"mask must be an attnlab.masks.MaskSpec or None, got {type(mask).__name__}")
+    extra = [name for name in ("window", "query_positions", "key_document_ids", "allowed") if getattr(mask, name) is not None]
+    if extra:
+        raise AttnlabInputError(f"context parallelism takes causal, key_padding and document_ids of a mask description; "
+                                f"{', '.join(extra)} have no sharded form here")
+    both = (MaskSpec(causal=causal, key_padding=key_padding_mask, document_ids=document_ids) & mask)
+    return both.causal, both.key_padding, both.document_ids

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from attnlab.distributed import comm
 from attnlab.distributed.layout import Layout
 from attnlab.distributed.ring import _check_inputs, resolve_layout, ring_attention
-from attnlab.distributed.ulysses import ulysses_attention
+from attnlab.distributed.ulysses import Attended, ulysses_attention
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 
 __all__ = ["Mesh", "choose_ulysses_size", "hybrid_attention", "make_mesh"]
 
@@ -64,7 +65,7 @@ def choose_ulysses_size(world: int) -> int:
     return max(u for u in range(1, world + 1) if world % u == 0 and u * u <= world)
 
 
-def make_mesh(group=None, ulysses_size: int | None = None) -> Mesh:
+def make_mesh(group: dist.ProcessGroup | None = None, ulysses_size: int | None = None) -> Mesh:
     """Split ``group`` into Ulysses groups of ``ulysses_size`` consecutive ranks and rings across them.
 
     Every rank of ``group`` must call it (it creates two process groups with ``torch.distributed.new_group``).
@@ -73,7 +74,7 @@ def make_mesh(group=None, ulysses_size: int | None = None) -> Mesh:
     u = choose_ulysses_size(world) if ulysses_size is None else ulysses_size
     if not isinstance(u, int) or u < 1 or world % u:
         divisors = [x for x in range(1, world + 1) if world % x == 0]
-        raise ValueError(f"ulysses_size must divide the group size {world}: one of {divisors}, got {ulysses_size!r}")
+        raise AttnlabInputError(f"ulysses_size must divide the group size {world}: one of {divisors}, got {ulysses_size!r}")
     ranks = dist.get_process_group_ranks(group)
     i, j = divmod(rank, u)
     r = world // u
@@ -109,7 +110,7 @@ def hybrid_attention(
     input spreads to every row that may attend it.
     """
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be an attnlab.distributed.Mesh (see make_mesh), got {type(mesh).__name__}")
+        raise AttnlabInputTypeError(f"mesh must be an attnlab.distributed.Mesh (see make_mesh), got {type(mesh).__name__}")
     _check_inputs(q, k, v, key_padding_mask, document_ids)
     t_pad = q.shape[-2] * mesh.ring * mesh.ulysses
     full = _full(seq_len, q, mesh)
@@ -126,12 +127,14 @@ def _full(seq_len: int | None, q: torch.Tensor, mesh: Mesh) -> int | None:
         return None
     t_pad = q.shape[-2] * mesh.ring * mesh.ulysses
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
-        raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
+        raise AttnlabInputError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
     return seq_len
 
 
-def _ring_over(q, k, v, *, causal, key_padding_mask, scale, seq_len, group, block_size, layout, document_ids=None,
-               return_lse=False):
+def _ring_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+              key_padding_mask: torch.Tensor | None, scale: float | None, seq_len: int | None,
+              group: dist.ProcessGroup, block_size: int | None, layout: str,
+              document_ids: torch.Tensor | None = None, return_lse: bool = False) -> Attended:
     return ring_attention(q, k, v, group=group, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
                           seq_len=seq_len, block_size=block_size, layout=layout, document_ids=document_ids,
                           return_lse=return_lse)

@@ -21,10 +21,15 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+from attnlab.errors import AttnlabInputError
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
 
 __all__ = ["LocalRunError", "run_local"]
 
@@ -39,7 +44,7 @@ class LocalRunError(RuntimeError):
 
 
 def _child(rank: int, world: int, port: int, backend: str, timeout: float, threads: int | None,
-           fn: Callable, args: Sequence, queue) -> None:
+           fn: Callable[..., Any], args: Sequence[Any], queue: Queue[tuple[int, str, Any]]) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -61,7 +66,7 @@ def _child(rank: int, world: int, port: int, backend: str, timeout: float, threa
         queue.join_thread()
 
 
-def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, backend: str = "gloo",
+def run_local(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *, backend: str = "gloo",
               timeout: float = 60.0, start_method: str | None = None, threads: int | None = 1) -> list[Any]:
     """``[fn(0, P, *args), ..., fn(P-1, P, *args)]``, each run in its own process of a ``backend`` group.
 
@@ -70,9 +75,9 @@ def run_local(fn: Callable[..., Any], world_size: int, args: Sequence = (), *, b
     keeps torch's default).
     """
     if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        raise AttnlabInputError(f"world_size must be a positive int, got {world_size!r}")
     if timeout <= 0:
-        raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        raise AttnlabInputError(f"timeout must be positive seconds, got {timeout!r}")
     method = start_method or ("fork" if sys.platform == "linux" and backend == "gloo" else "spawn")
     if method == "fork":
         # torch imports this (and sympy) lazily at the first backward(): seconds that every forked rank would

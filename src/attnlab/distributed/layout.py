@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnlab.errors import AttnlabInputError
+
 __all__ = ["LAYOUTS", "Layout", "Run"]
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -60,9 +62,9 @@ class Layout:
         for name in ("ring", "ulysses"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Layout.{name} must be an int >= 1, got {value!r}")
+                raise AttnlabInputError(f"Layout.{name} must be an int >= 1, got {value!r}")
         if self.order not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.order!r}")
+            raise AttnlabInputError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {self.order!r}")
 
     @property
     def zigzag(self) -> bool:
@@ -91,7 +93,7 @@ class Layout:
         if not self.zigzag:
             return [Run(0, ring_index * chunk_tokens, chunk_tokens)]
         if chunk_tokens % 2:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"a zigzag ring rank holds two equal chunks, so its token count must be even, got {chunk_tokens}; "
                 "shard the sequence with ContextParallel.shard (it pads to a multiple of 2 x world size), or use "
                 "layout='contiguous'"
@@ -102,7 +104,7 @@ class Layout:
     def runs(self, rank: int, t_local: int) -> list[Run]:
         """The runs of mesh rank ``rank`` holding ``t_local`` tokens (in increasing global position)."""
         if not 0 <= rank < self.world:
-            raise ValueError(f"rank must be in [0, {self.world}), got {rank}")
+            raise AttnlabInputError(f"rank must be in [0, {self.world}), got {rank}")
         i, j = divmod(rank, self.ulysses)
         lo, hi = j * t_local, (j + 1) * t_local  # this rank's rows of the ring chunk
         out = []

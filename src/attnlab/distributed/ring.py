@@ -54,12 +54,15 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from attnlab.distributed import comm
 from attnlab.distributed.layout import LAYOUTS, Layout, Run
 from attnlab.distributed.merge import merge_into
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.flash import backward_with_lse, forward_with_lse
 from attnlab.functional import compute_dtype
 
@@ -95,7 +98,9 @@ def _split(runs: list[Run], block: int) -> list[Run]:
     return [Run(r.local + a, r.start + a, min(block, r.length - a)) for r in runs for a in range(0, r.length, block)]
 
 
-def _sub_blocks(q_chunk: Run, k_piece: Run, causal: bool, seq_len: int):
+def _sub_blocks(
+    q_chunk: Run, k_piece: Run, causal: bool, seq_len: int
+) -> Iterator[tuple[int, int, int, int, bool]]:
     """The (query rows, key rows) sub-blocks of one query chunk and one key piece that have to be computed:
     yields ``(q_lo, q_hi, k_lo, k_hi, causal)`` in local row indices (keys relative to the piece).
 
@@ -157,7 +162,9 @@ class _Ring:
         m = self.masks[src]
         return None if m is None else m[:, piece.local + k_lo:piece.local + k_hi]  # (B, k_hi - k_lo)
 
-    def block_docs(self, src: int, piece: Run, q_lo: int, q_hi: int, k_lo: int, k_hi: int):
+    def block_docs(
+        self, src: int, piece: Run, q_lo: int, q_hi: int, k_lo: int, k_hi: int
+    ) -> tuple[bool, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(True, None)`` without documents; else ``(False, None)`` when no query of rows [q_lo, q_hi) shares
         a document with any key of the piece's rows [k_lo, k_hi) (skip the block), or ``(True, (ids_q, ids_k))``."""
         mine, theirs = self.docs[self.rank], self.docs[src]
@@ -170,7 +177,8 @@ class _Ring:
         return True, (ids_q, ids_k)
 
 
-def _forward_piece(r: _Ring, q, kb, vb, src: int, piece: Run, out, lse) -> None:
+def _forward_piece(r: _Ring, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, src: int, piece: Run,
+                   out: torch.Tensor, lse: torch.Tensor) -> None:
     """Fold one key/value piece of rank ``src`` into the running ``(out, lse)`` of every query row."""
     k_full, v_full = r.expand(kb), r.expand(vb)  # (B, H, n, d), (B, H, n, d_v)
     for chunk in r.q_chunks(q.shape[-2]):
@@ -186,7 +194,9 @@ def _forward_piece(r: _Ring, q, kb, vb, src: int, piece: Run, out, lse) -> None:
             merge_into(out[:, :, q_lo:q_hi], lse[:, :, q_lo:q_hi], o, l)
 
 
-def _backward_piece(r: _Ring, do, q, kb, vb, out, lse, src: int, piece: Run, dq, dkb, dvb) -> None:
+def _backward_piece(r: _Ring, do: torch.Tensor, q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, src: int, piece: Run, dq: torch.Tensor,
+                    dkb: torch.Tensor, dvb: torch.Tensor) -> None:
     """Add this rank's queries' contribution to ``dq`` and to the piece's ``dkb, dvb`` accumulators."""
     k_full, v_full = r.expand(kb), r.expand(vb)  # (B, H, n, d), (B, H, n, d_v)
     for chunk in r.q_chunks(q.shape[-2]):
@@ -207,7 +217,9 @@ def _backward_piece(r: _Ring, do, q, kb, vb, out, lse, src: int, piece: Run, dq,
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, r: _Ring):
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Ring
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, t_l, _ = q.shape
         cdtype = compute_dtype(q.dtype)
         out = q.new_zeros(b, h, t_l, v.shape[-1], dtype=cdtype)  # (B, H, T_l, d_v)
@@ -227,7 +239,9 @@ class _RingAttention(torch.autograd.Function):
         return out.to(q.dtype), lse_out
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, out, lse = ctx.saved_tensors
         r: _Ring = ctx.ring
         t_l = q.shape[-2]
@@ -260,55 +274,56 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def _check_inputs(q, k, v, key_padding_mask, document_ids=None) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  document_ids: torch.Tensor | None = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise AttnlabInputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (batch, heads, local tokens, head dim), got {tuple(t.shape)}")
+            raise AttnlabInputError(f"{name} must have shape (batch, heads, local tokens, head dim), got {tuple(t.shape)}")
         if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise AttnlabInputTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise AttnlabInputTypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, t_l, d = q.shape
     if k.shape[:3] != v.shape[:3] or k.shape[0] != b or k.shape[2] != t_l or k.shape[3] != d:
-        raise ValueError(
+        raise AttnlabInputError(
             f"k and v must have shape (B, H_kv, T_local, d) matching q {tuple(q.shape)}, got k {tuple(k.shape)} "
             f"and v {tuple(v.shape)}"
         )
     if h % k.shape[1]:
-        raise ValueError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({k.shape[1]})")
+        raise AttnlabInputError(f"the number of query heads ({h}) must be a multiple of the key/value heads ({k.shape[1]})")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must be a bool tensor (True = padding) or None")
+            raise AttnlabInputTypeError("key_padding_mask must be a bool tensor (True = padding) or None")
         if tuple(key_padding_mask.shape) != (b, t_l):
-            raise ValueError(
+            raise AttnlabInputError(
                 f"key_padding_mask must have shape (batch, local tokens) = {(b, t_l)}, got {tuple(key_padding_mask.shape)}"
             )
     if document_ids is not None:
         if not isinstance(document_ids, torch.Tensor):
-            raise TypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
+            raise AttnlabInputTypeError(f"document_ids must be an integer torch.Tensor or None, got {type(document_ids).__name__}")
         if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
-            raise TypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
+            raise AttnlabInputTypeError(f"document_ids must have an integer dtype, got {document_ids.dtype}")
         if tuple(document_ids.shape) not in ((b, t_l), (t_l,)):
-            raise ValueError(
+            raise AttnlabInputError(
                 f"document_ids must have shape (batch, local tokens) = {(b, t_l)} or ({t_l},): this rank's tokens' "
                 f"ids, as ContextParallel.shard(ids) gives them; got {tuple(document_ids.shape)}"
             )
 
 
-def resolve_layout(layout, causal: bool, seq_len: int, t_pad: int, what: str) -> str:
+def resolve_layout(layout: str | None, causal: bool, seq_len: int, t_pad: int, what: str) -> str:
     """The layout name. ``None`` is "zigzag" where the answer depends on which tokens a rank holds (causal, or
     ``seq_len`` padding: zigzag is what ``ContextParallel.shard`` makes, the default as before), and
     "contiguous" where it does not (any split works, odd local lengths included)."""
     if layout is None:
         return "zigzag" if causal or seq_len < t_pad else "contiguous"
     if layout not in LAYOUTS:
-        raise ValueError(f"{what}: layout must be one of {', '.join(map(repr, LAYOUTS))} or None, got {layout!r}")
+        raise AttnlabInputError(f"{what}: layout must be one of {', '.join(map(repr, LAYOUTS))} or None, got {layout!r}")
     return layout
 
 
-def gather_docs(document_ids, group, world: int, b: int, like: torch.Tensor, what: str) -> list[torch.Tensor | None]:
+def gather_docs(document_ids: torch.Tensor | None, group: dist.ProcessGroup, world: int, b: int, like: torch.Tensor, what: str) -> list[torch.Tensor | None]:
     """Every rank's document ids as (B, T_l) int64 on ``like``'s device, or a list of None without ids."""
     if document_ids is None:
         return [None] * world
@@ -320,7 +335,7 @@ def gather_docs(document_ids, group, world: int, b: int, like: torch.Tensor, wha
     return [m.to(like.device) for m in every]
 
 
-def gather_masks(key_padding_mask, group, world: int, like: torch.Tensor, what: str) -> list[torch.Tensor | None]:
+def gather_masks(key_padding_mask: torch.Tensor | None, group: dist.ProcessGroup, world: int, like: torch.Tensor, what: str) -> list[torch.Tensor | None]:
     """Every rank's key padding mask (B, T_l), or a list of None when no rank has one."""
     if key_padding_mask is None:
         return [None] * world
@@ -337,7 +352,7 @@ def ring_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
@@ -386,16 +401,16 @@ def ring_attention(
         t_pad = t_l * world
         seq_len = t_pad if seq_len is None else seq_len
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t_pad:
-            raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
+            raise AttnlabInputError(f"seq_len must be an int in [0, world size x local tokens = {t_pad}], got {seq_len!r}")
         block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+            raise AttnlabInputError(f"block_size must be a positive int, got {block_size!r}")
         if not isinstance(return_lse, bool):
-            raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+            raise AttnlabInputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
         order = resolve_layout(layout, bool(causal), seq_len, t_pad, "ring_attention")
         lay = Layout(ring=world, order=order)
         if lay.zigzag and t_l % 2:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"layout='zigzag' holds two equal chunks per rank, so the local length must be even, got {t_l}; split "
                 "the sequence with ContextParallel(group, 'ring').shard, or pass layout='contiguous' for shards that hold "
                 "one run of consecutive tokens (the plain ring)"

@@ -21,27 +21,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from attnlab import backends
 from attnlab.distributed import comm
 from attnlab.distributed.ring import _check_inputs, gather_docs, gather_masks
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import padding_mask
 
 __all__ = ["ulysses_attention"]
+
+# What a local attention function returns: out, or (out, lse) when called with return_lse=True.
+Attended = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 class _SeqToHeads(torch.autograd.Function):
     """(B, H, T_l, d) on each rank -> (B, H / P, P * T_l, d): my heads of everyone's tokens, in rank order."""
 
     @staticmethod
-    def forward(ctx, x, group, world: int, what: str):
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, world: int, what: str) -> torch.Tensor:
         ctx.group, ctx.world, ctx.what = group, world, what
         return _seq_to_heads(x, group, world, what)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         return _heads_to_seq(grad, ctx.group, ctx.world, ctx.what), None, None, None
 
 
@@ -49,33 +55,35 @@ class _HeadsToSeq(torch.autograd.Function):
     """The inverse: (B, H / P, P * T_l, d) -> (B, H, T_l, d)."""
 
     @staticmethod
-    def forward(ctx, x, group, world: int, what: str):
+    def forward(ctx: Any, x: torch.Tensor, group: dist.ProcessGroup, world: int, what: str) -> torch.Tensor:
         ctx.group, ctx.world, ctx.what = group, world, what
         return _heads_to_seq(x, group, world, what)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         return _seq_to_heads(grad, ctx.group, ctx.world, ctx.what), None, None, None
 
 
-def _seq_to_heads(x: torch.Tensor, group, world: int, what: str) -> torch.Tensor:
+def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup, world: int, what: str) -> torch.Tensor:
     b, h, t_l, d = x.shape
     send = x.reshape(b, world, h // world, t_l, d).transpose(0, 1)  # (P, B, H/P, T_l, d)   slice i to rank i
     got = comm.all_to_all(send, group, what)  # (P, B, H/P, T_l, d)   slice i from rank i
     return got.permute(1, 2, 0, 3, 4).reshape(b, h // world, world * t_l, d)  # (B, H/P, P*T_l, d)
 
 
-def _heads_to_seq(x: torch.Tensor, group, world: int, what: str) -> torch.Tensor:
+def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup, world: int, what: str) -> torch.Tensor:
     b, hp, t, d = x.shape
     send = x.reshape(b, hp, world, t // world, d).permute(2, 0, 1, 3, 4)  # (P, B, H/P, T_l, d)   tokens of rank i
     got = comm.all_to_all(send, group, what)  # (P, B, H/P, T_l, d)   heads of rank i
     return got.transpose(0, 1).reshape(b, world * hp, t // world, d)  # (B, H, T_l, d)
 
 
-def _local_attention(backend: str) -> Callable[..., torch.Tensor]:
+def _local_attention(backend: str) -> Callable[..., Attended]:
     """Attention over the whole (gathered) sequence on this rank, through an attnlab backend."""
 
-    def attend(q, k, v, *, causal, key_padding_mask, scale, seq_len, document_ids=None, return_lse=False):
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+               key_padding_mask: torch.Tensor | None, scale: float | None, seq_len: int,
+               document_ids: torch.Tensor | None = None, return_lse: bool = False) -> Attended:
         t = q.shape[-2]
         # The layout's padding sits at the end: attend over the true length only, zeros for the rest.
         q_, k_, v_ = q[:, :, :seq_len], k[:, :, :seq_len], v[:, :, :seq_len]  # (B, h, T_true, d)
@@ -99,13 +107,13 @@ def ulysses_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    group=None,
+    group: dist.ProcessGroup | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
     seq_len: int | None = None,
     backend: str = "auto",
-    attend: Callable[..., torch.Tensor] | None = None,
+    attend: Callable[..., Attended] | None = None,
     document_ids: torch.Tensor | None = None,
     return_lse: bool = False,
     _call: str = "ulysses_attention",
@@ -136,11 +144,11 @@ def ulysses_attention(
     try:  # this rank's own checks: a refusal is told to the other ranks (comm.refuse), never a hang
         _check_inputs(q, k, v, key_padding_mask, document_ids)
         if not isinstance(return_lse, bool):
-            raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
+            raise AttnlabInputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
         b, h, t_l, d = q.shape
         h_kv = k.shape[1]
         if h % world:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"ulysses attention splits the heads over the {world} ranks of the group, but {h} query heads do not "
                 f"divide evenly; use method='ring' (ring_attention works for any head count) or method='hybrid' with a "
                 f"Ulysses size that divides the heads"
@@ -151,7 +159,7 @@ def ulysses_attention(
             t = t_l * world
             seq_len = t if seq_len is None else seq_len
             if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 <= seq_len <= t:
-                raise ValueError(f"seq_len must be an int in [0, world size x local tokens = {t}], got {seq_len!r}")
+                raise AttnlabInputError(f"seq_len must be an int in [0, world size x local tokens = {t}], got {seq_len!r}")
             attend = _local_attention(backend)
     except (ValueError, TypeError) as exc:
         comm.refuse(group, q, _call, exc)
@@ -162,7 +170,7 @@ def ulysses_attention(
     masks = gather_masks(key_padding_mask, group, world, q, _call)
     full_mask = None if key_padding_mask is None else torch.cat([m for m in masks if m is not None], dim=1)  # (B, T)
     docs = gather_docs(document_ids, group, world, b, q, _call)
-    extra: dict = {}
+    extra: dict[str, torch.Tensor | bool] = {}
     if document_ids is not None:
         extra["document_ids"] = torch.cat([x for x in docs if x is not None], dim=1)  # (B, T) in sequence order
     if return_lse:

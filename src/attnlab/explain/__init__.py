@@ -10,6 +10,8 @@ Steps as data first (:mod:`.steps`), computed by :mod:`.build`; renderers (:mod:
 :mod:`.render_markdown`, :mod:`.render_json`, and the HTML report) only read them.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from attnlab.explain.build import explain
 from attnlab.explain.check import Expectation, ExpectResult, check, parse_expect
 from attnlab.explain.steps import (
@@ -26,8 +28,11 @@ from attnlab.explain.steps import (
     resolve_sections,
 )
 
+if TYPE_CHECKING:
+    from attnlab.explain.model import ModelWalkthrough
 
-def explain_model(*args, **kwargs):
+
+def explain_model(*args: Any, **kwargs: Any) -> "ModelWalkthrough":
     """One head of a real pretrained model, step by step: see :func:`attnlab.explain.model.explain_model`
     (imported on first use: it needs the ``attnlab[models]`` extra)."""
     from attnlab.explain.model import explain_model as _explain_model

@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnlab import BOOK_TOKENS, book_inputs
 from attnlab import functional as F
+from attnlab.book import BOOK_TOKENS, book_inputs
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.explain.inputs import WEIGHT_NAMES, load_weights, parse_tokens, to_matrix, unique_labels
 from attnlab.explain.modern import MODERN_DEFAULTS, add_modern_details, build_modern, modern_options
 from attnlab.explain.steps import (
@@ -57,7 +58,7 @@ from attnlab.modules import (
     SelfAttention_v2,
 )
 
-__all__ = ["explain"]
+__all__ = ["explain", "resolve_query"]
 
 _MAX_LISTED = 12  # detail lines list at most this many tokens
 
@@ -84,15 +85,15 @@ MAX_SEED = 2**64 - 1 - 666
 def _check_int(name: str, value: object, low: int = 1, high: int | None = None,
                why: str = " for a step-by-step walkthrough") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise AttnlabInputError(f"{name} must be an int >= {low}, got {value!r}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be at most {high}{why}, got {value}")
+        raise AttnlabInputError(f"{name} must be at most {high}{why}, got {value}")
     return int(value)
 
 
 def _check_count(name: str, what: str, count: int, limit: int) -> None:
     if count > limit:
-        raise ValueError(f"{name} must have at most {limit} {what} for a step-by-step walkthrough, got {count}")
+        raise AttnlabInputError(f"{name} must have at most {limit} {what} for a step-by-step walkthrough, got {count}")
 
 
 def _resolve_sections(sections: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -118,7 +119,7 @@ def _choose_heads(heads: int, given_heads: bool, d_out: int, given_weights: bool
         return heads, heads, ""
     if given_weights:
         if given_heads:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"heads must divide d_out (the weights' width): got d_out={d_out} and heads={heads} "
                 f"(try heads in {valid})"
             )
@@ -130,22 +131,24 @@ def _choose_heads(heads: int, given_heads: bool, d_out: int, given_weights: bool
                          f"{d_out}); --heads N with N in {valid} makes them the same")
 
 
-def _resolve_query(query: str | int | None, tokens: Sequence[str], labels: Sequence[str]) -> int:
+def resolve_query(query: str | int | None, tokens: Sequence[str], labels: Sequence[str]) -> int:
+    """The 0-based index of the query: None (the second token, as the chapter), a 0-based int index, or text:
+    a label, a token (refused when it appears twice) or a 1-based position. AttnlabInputError otherwise."""
     n = len(tokens)
     if query is None:
         return 1 if n >= 2 else 0  # the chapter's query is the second token, x^(2)
     if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
         if not 0 <= query < n:
-            raise ValueError(f"query index must be in 0..{n - 1} (0-based), got {query}")
+            raise AttnlabInputError(f"query index must be in 0..{n - 1} (0-based), got {query}")
         return int(query)
     if not isinstance(query, str):
-        raise TypeError(f"query must be a token or a position, got {query!r}")
+        raise AttnlabInputTypeError(f"query must be a token or a position, got {query!r}")
     q = query.strip()
     if q in labels:
         return labels.index(q)
     hits = [i for i, t in enumerate(tokens) if t == q]
     if len(hits) > 1:
-        raise ValueError(
+        raise AttnlabInputError(
             f"query {q!r} appears {len(hits)} times (positions {', '.join(str(i + 1) for i in hits)}); "
             "give its position instead"
         )
@@ -154,18 +157,19 @@ def _resolve_query(query: str | int | None, tokens: Sequence[str], labels: Seque
     if q.isdigit():
         pos = int(q)
         if not 1 <= pos <= n:
-            raise ValueError(f"query position must be in 1..{n}, got {pos}")
+            raise AttnlabInputError(f"query position must be in 1..{n}, got {pos}")
         return pos - 1
     shown = ", ".join(labels[:_MAX_LISTED]) + (", ..." if n > _MAX_LISTED else "")
-    raise ValueError(f"query {q!r} is not one of the tokens ({shown}); give a token or a position 1..{n}")
+    raise AttnlabInputError(f"query {q!r} is not one of the tokens ({shown}); give a token or a position 1..{n}")
 
 
-def _resolve_inputs(tokens, embeddings, dim, seed) -> tuple[tuple[str, ...], np.ndarray, str]:
+def _resolve_inputs(tokens: str | Sequence[str] | None, embeddings: Any, dim: int | None,
+                    seed: int) -> tuple[tuple[str, ...], np.ndarray, str]:
     toks = None if tokens is None else parse_tokens(tokens, what="tokens")
     if toks is not None:
         _check_count("tokens", "tokens", len(toks), MAX_TOKENS)
     if dim is not None and (toks is None or embeddings is not None):  # it would be silently ignored
-        raise ValueError(f"dim sets the width of the random embeddings drawn for your tokens, so it needs tokens "
+        raise AttnlabInputError(f"dim sets the width of the random embeddings drawn for your tokens, so it needs tokens "
                          f"and no embeddings (got dim={dim!r} with "
                          f"{'embeddings' if embeddings is not None else 'the book embeddings'}): give tokens, or "
                          "leave out dim")
@@ -182,13 +186,13 @@ def _resolve_inputs(tokens, embeddings, dim, seed) -> tuple[tuple[str, ...], np.
     if toks is None:
         toks = tuple(f"t{i + 1}" for i in range(x.shape[0]))
     elif len(toks) != x.shape[0]:
-        raise ValueError(
+        raise AttnlabInputError(
             f"tokens and embeddings must have the same count: {len(toks)} tokens but {x.shape[0]} embedding rows"
         )
     return toks, x, "given"
 
 
-def _resolve_weights(weights, d_in: int, d_out: int | None) -> tuple[dict[str, np.ndarray] | None, int]:
+def _resolve_weights(weights: str | Mapping[str, Any] | None, d_in: int, d_out: int | None) -> tuple[dict[str, np.ndarray] | None, int]:
     if weights is None:
         return None, 2 if d_out is None else _check_int("d_out", d_out, high=MAX_D_OUT)
     ws = load_weights(weights, what="weights")
@@ -197,17 +201,17 @@ def _resolve_weights(weights, d_in: int, d_out: int | None) -> tuple[dict[str, n
     for name in WEIGHT_NAMES:
         w = ws[name]
         if w.shape[0] != d_in:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{name} must have d_in = {d_in} rows (one per embedding feature, x @ W), got shape "
                 f"{w.shape[0]} x {w.shape[1]}"
             )
         if w.shape != shape0:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"W_query, W_key and W_value must have the same shape, got W_query {shape0[0]} x {shape0[1]} "
                 f"and {name} {w.shape[0]} x {w.shape[1]}"
             )
     if d_out is not None and d_out != shape0[1]:
-        raise ValueError(f"d_out={d_out} does not match the weights, which are {shape0[0]} x {shape0[1]}")
+        raise AttnlabInputError(f"d_out={d_out} does not match the weights, which are {shape0[0]} x {shape0[1]}")
     return ws, shape0[1]
 
 
@@ -220,7 +224,7 @@ class _Recorder:
         self.inputs: dict[str, float] = {}  # largest |number| of the embeddings (and given weights)
         self.absent: dict[str, str] = {}  # steps left out on this input -> why
 
-    def add(self, section: str, name: str, values, **kw) -> None:
+    def add(self, section: str, name: str, values: Tensor | np.ndarray, **kw: Any) -> None:
         if section not in self.sections:  # a builder runs only for a selected section: never happens
             raise AssertionError(f"section {section!r} was not selected")
         step = Step(section=section, name=name, values=_np(values) if isinstance(values, Tensor) else values, **kw)
@@ -242,13 +246,13 @@ def _check_finite(step: Step, earlier: list[Step], inputs: Mapping[str, float]) 
     if step.how is not None and step.how.kind == "divide_by_sum" and step.how.operands:
         src = next((s for s in earlier if s.id == step.how.operands[0]), None)
         if src is not None and abs(float(src.values.sum())) < 1e-30:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{step.id} is {got}{at}: the scores sum to 0, so dividing by their sum is undefined (one "
                 "reason softmax is used instead); choose other embeddings, or leave out --section simple"
             )
     largest = max(inputs.values(), default=0.0)
     source = max(inputs, key=lambda k: inputs[k]) if inputs else "embeddings"
-    raise ValueError(
+    raise AttnlabInputError(
         f"{step.id} is {got}{at}: overflow, its numbers exceed float32's range (±3.4e38) although the "
         f"input is finite (the largest |number| in your {source} is {largest:.3g}); scale the {source} "
         "down, e.g. to numbers below 1e3"
@@ -309,12 +313,12 @@ def explain(
     heads_asked, d_out_asked = heads, d_out
     heads = _check_int("heads", heads, high=MAX_HEADS) if heads_given else 2
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        raise AttnlabInputError(f"dropout must be a number in [0, 1), got {dropout!r}")
     dropout = float(dropout)
     chosen = _resolve_sections(sections)
     toks, x_np, source = _resolve_inputs(tokens, embeddings, dim, seed)
     labels = unique_labels(toks)
-    qi = _resolve_query(query, toks, labels)
+    qi = resolve_query(query, toks, labels)
     d_in = x_np.shape[1]
     given, d_out = _resolve_weights(weights, d_in, d_out)
     heads, mha_heads, note = _choose_heads(heads, heads_given, d_out, given is not None) \
@@ -322,7 +326,7 @@ def explain(
     for name, value, unset, sec in (("kv_groups", kv_groups, None, "gqa"), ("window_size", window_size, None, "window"),
                                     ("rope_base", rope_base, 10000.0, "rope"), ("rope_shift", rope_shift, None, "rope")):
         if value != unset and sec not in chosen:
-            raise ValueError(f"{name} applies to section {sec!r} only, which is not selected: add it to sections "
+            raise AttnlabInputError(f"{name} applies to section {sec!r} only, which is not selected: add it to sections "
                              f"(--section {sec})")
     if given and d_out_asked is None:
         d_out_asked = d_out  # the weights' width
@@ -369,7 +373,7 @@ _TOKEN_DIM = ("token", "dim")
 _QUERY_KEY = ("query", "key")
 
 
-def _input(rec: _Recorder, x: Tensor, labels, source: str) -> None:
+def _input(rec: _Recorder, x: Tensor, labels: tuple[str, ...], source: str) -> None:
     where = {"book": "the chapter's 3-dimensional embeddings", "given": "your embeddings",
              "random": "seeded random embeddings, rounded to 2 decimals"}[source]
     rec.add("input", "embeddings", x, title="Token embeddings x",
@@ -378,7 +382,7 @@ def _input(rec: _Recorder, x: Tensor, labels, source: str) -> None:
             labels=(labels, _dims(x.shape[1])), symbol="x", query_axis=0, how=How("input", params={"source": where}))
 
 
-def _simple(rec: _Recorder, x: Tensor, labels, qi: int) -> None:
+def _simple(rec: _Recorder, x: Tensor, labels: tuple[str, ...], qi: int) -> None:
     q = labels[qi]
     xq = x[qi]  # (d_in,)
     scores = F.dot_scores_loop(xq, x)  # (T,); equal to F.dot_scores up to float32 rounding (tested in the core)
@@ -421,7 +425,7 @@ def _simple(rec: _Recorder, x: Tensor, labels, qi: int) -> None:
             depends=("simple.weights", "input.embeddings"))
 
 
-def _all(rec: _Recorder, x: Tensor, labels) -> None:
+def _all(rec: _Recorder, x: Tensor, labels: tuple[str, ...]) -> None:
     scores = F.all_pair_scores(x)  # (T, T)
     qk = (labels, labels)
     rec.add("all", "scores", scores, title="Attention scores of every pair of tokens",
@@ -446,7 +450,7 @@ def _set_param(param: torch.nn.Parameter, value: np.ndarray) -> None:
     param.copy_(torch.from_numpy(value))
 
 
-def _attention_steps(rec: _Recorder, sec: str, x: Tensor, labels, w: dict[str, Tensor], scale: bool,
+def _attention_steps(rec: _Recorder, sec: str, x: Tensor, labels: tuple[str, ...], w: dict[str, Tensor], scale: bool,
                      sources: Mapping[str, str]) -> dict[str, Any]:
     """W_query/W_key/W_value, queries/keys/values, scores, (scaled scores), weights: shared by the
     trainable and causal sections. ``sources[name]`` is the formula of each weight matrix (Python that
@@ -508,7 +512,7 @@ def _v1_sources(st: Settings, given: bool) -> dict[str, str]:
     return out
 
 
-def _trainable(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
+def _trainable(rec: _Recorder, x: Tensor, labels: tuple[str, ...], st: Settings, given: Mapping[str, np.ndarray] | None) -> None:
     sec = "trainable"
     d_in, d_out = st.d_in, st.d_out
     torch.manual_seed(st.seed)
@@ -555,7 +559,7 @@ def _trainable(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
             how=How("module", params={"module": mod2}), depends=("input.embeddings",))
 
 
-def _causal(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
+def _causal(rec: _Recorder, x: Tensor, labels: tuple[str, ...], st: Settings, given: Mapping[str, np.ndarray] | None) -> None:
     sec = "causal"
     d_in, d_out, T = st.d_in, st.d_out, x.shape[0]
     torch.manual_seed(st.v2_seed)
@@ -644,7 +648,8 @@ def _heads_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return ctx, weights  # (H, T, hd), (H, T, T)
 
 
-def _multihead(rec: _Recorder, x: Tensor, labels, st: Settings, given) -> None:
+def _multihead(rec: _Recorder, x: Tensor, labels: tuple[str, ...], st: Settings,
+               given: Mapping[str, np.ndarray] | None) -> None:
     sec = "multihead"
     d_in, d_out, H, T = st.d_in, st.d_out, st.heads, x.shape[0]
     batch = torch.stack((x, x))  # (2, T, d_in)

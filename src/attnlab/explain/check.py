@@ -31,12 +31,14 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError
 from attnlab.explain.mistakes import CATALOGUE, Hypothesis, hypotheses
-from attnlab.explain.recompute import Interval, ancestors, evaluate
-from attnlab.explain.steps import Walkthrough, fmt
+from attnlab.explain.recompute import Interval, Override, ancestors, evaluate
+from attnlab.explain.steps import Step, Walkthrough, fmt
 
 __all__ = ["ExpectResult", "Expectation", "Mismatch", "check", "format_results", "parse_expect"]
 
@@ -107,7 +109,7 @@ class ExpectResult:
         return not self.ok and self.mistake not in (None, "follows_from_yours") or (
             not self.ok and self.mistake is None)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:  # a JSON object
         first = self.mismatches[0] if self.mismatches else None
         return {
             "step": self.expectation.step_id,
@@ -143,23 +145,23 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$|^[+-]?inf$", re
 def parse_expect(text: str, valid_steps: Sequence[str]) -> Expectation:
     """Parse ``STEP=VALUES``; ValueError (one line) for an unknown step or malformed numbers."""
     if "=" not in text:
-        raise ValueError(f"--expect must be STEP=VALUES, e.g. trainable.scores=4,5,3; got {text!r}")
+        raise AttnlabInputError(f"--expect must be STEP=VALUES, e.g. trainable.scores=4,5,3; got {text!r}")
     step_id, _, values = text.partition("=")
     step_id = step_id.strip()
     if step_id not in valid_steps:
-        raise ValueError(f"--expect: unknown step {step_id!r}; valid steps: {', '.join(valid_steps)}")
+        raise AttnlabInputError(f"--expect: unknown step {step_id!r}; valid steps: {', '.join(valid_steps)}")
     body = values.strip().strip("[]()").replace("],", ";").replace("[", "").replace("]", "")
     if not body.strip():
-        raise ValueError(f"--expect {step_id}: no values given; write them as 0.1,0.2 (rows separated by ;)")
+        raise AttnlabInputError(f"--expect {step_id}: no values given; write them as 0.1,0.2 (rows separated by ;)")
     rows, decs, texts = [], [], []
     for r, row_text in enumerate(body.split(";")):
         cells = [c for c in re.split(r"[,\s]+", row_text.strip()) if c]
         if not cells:
-            raise ValueError(f"--expect {step_id}: row {r + 1} is empty")
+            raise AttnlabInputError(f"--expect {step_id}: row {r + 1} is empty")
         row, dec = [], []
         for c in cells:
             if not _NUMBER.match(c):
-                raise ValueError(f"--expect {step_id}: {c!r} is not a number")
+                raise AttnlabInputError(f"--expect {step_id}: {c!r} is not a number")
             row.append(float(c))
             mantissa = c.lower().split("e")[0]
             dec.append(None if "e" in c.lower() else (len(mantissa.split(".")[1]) if "." in mantissa else 0))
@@ -169,7 +171,7 @@ def parse_expect(text: str, valid_steps: Sequence[str]) -> Expectation:
     width = len(rows[0])
     for r, parsed in enumerate(rows):
         if len(parsed) != width:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"--expect {step_id}: rows must have the same length, row 1 has {width} and row {r + 1} {len(parsed)}"
             )
     return Expectation(step_id, tuple(rows), tuple(decs), tuple(texts))
@@ -246,15 +248,17 @@ def _try(walk: Walkthrough, sid: str, cmp: _Compared, hyp: Hypothesis, given: Ma
     dist = ancestors(walk, sid, frozenset(given) - {sid})
     for basis in bases:
         hit: list[str] = []
-        override = None
+        override: Override | None = None
         if hyp.override is not None:
             inner = hyp.override
 
-            def override(w, step, ops, values, inner=inner, hit=hit):
+            def counting(w: Walkthrough, step: Step, ops: list[Interval], values: Mapping[str, Interval],
+                         inner: Override = inner, hit: list[str] = hit) -> Interval | None:
                 out = inner(w, step, ops, values)
                 if out is not None:
                     hit.append(step.id)
                 return out
+            override = counting
         value = evaluate(walk, sid, given=given, basis=basis, override=override)
         if value is None or (hyp.override is not None and not hit):
             return None
@@ -370,10 +374,10 @@ def _compared(walk: Walkthrough, exp: Expectation, precision: int) -> tuple[str,
     texts = [t for row in exp.texts for t in row]
     if exp.positions is not None:
         if len(exp.positions) != user.size:
-            raise ValueError(f"{exp.step_id}: {user.size} numbers but {len(exp.positions)} positions")
+            raise AttnlabInputError(f"{exp.step_id}: {user.size} numbers but {len(exp.positions)} positions")
         for p in exp.positions:
             if len(p) != step.values.ndim or any(not 0 <= i < n for i, n in zip(p, step.shape)):
-                raise ValueError(f"{exp.step_id}: position {list(p)} is outside the step's shape {list(step.shape)}")
+                raise AttnlabInputError(f"{exp.step_id}: position {list(p)} is outside the step's shape {list(step.shape)}")
         return "cells", _Compared(user.ravel(), decimals.ravel(), [tuple(p) for p in exp.positions], texts)
     positions = np.stack(np.meshgrid(*[np.arange(n) for n in step.shape], indexing="ij"), axis=-1) \
         if step.values.ndim else np.zeros((1, 1, 0), dtype=int)  # (*shape, ndim)
@@ -390,7 +394,7 @@ def _compared(walk: Walkthrough, exp: Expectation, precision: int) -> tuple[str,
         + (f" (the row of the query {walk.query_label})" if s == "query" else " (the whole step)")
         for s, v, _ in candidates
     )
-    raise ValueError(f"--expect {exp.step_id}: expected {want}, got {user.shape[0]} row(s) of {user.shape[1]}")
+    raise AttnlabInputError(f"--expect {exp.step_id}: expected {want}, got {user.shape[0]} row(s) of {user.shape[1]}")
 
 
 def _basis_note(walk: Walkthrough, sid: str, basis: int | None, own: Sequence[str]) -> tuple[str, str]:

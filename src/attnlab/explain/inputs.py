@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+
 __all__ = ["WEIGHT_NAMES", "invisible_only", "is_invisible", "load_embeddings", "load_weights", "parse_tokens", "to_matrix", "unique_labels"]
 
 WEIGHT_NAMES = ("W_query", "W_key", "W_value")
@@ -54,12 +56,12 @@ def parse_tokens(text: str | Sequence[str], *, what: str = "--tokens") -> tuple[
     else:
         tokens = tuple(str(t) for t in text)
         if any(not t.strip() or any(c.isspace() for c in t) for t in tokens):
-            raise ValueError(f"{what} must be non-empty tokens without spaces, got {list(tokens)!r}")
+            raise AttnlabInputError(f"{what} must be non-empty tokens without spaces, got {list(tokens)!r}")
     if not tokens:
-        raise ValueError(f"{what} is empty: give at least one token, e.g. {what} \"The cat ran\"")
+        raise AttnlabInputError(f"{what} is empty: give at least one token, e.g. {what} \"The cat ran\"")
     for i, t in enumerate(tokens):
         if invisible_only(t):
-            raise ValueError(f"{what}: token {i + 1} is made only of invisible characters ({_codes(t)}), which "
+            raise AttnlabInputError(f"{what}: token {i + 1} is made only of invisible characters ({_codes(t)}), which "
                              f"would show as nothing; give visible tokens, e.g. {what} \"The cat ran\"")
     return tokens
 
@@ -79,19 +81,19 @@ def _shown(value: Any) -> str:
 
 
 def _too_large(what: str, where: str, value: Any) -> ValueError:
-    return ValueError(f"{what}: {where} is too large for float32 (at most ±{_FLOAT32_MAX:.7g}), "
+    return AttnlabInputError(f"{what}: {where} is too large for float32 (at most ±{_FLOAT32_MAX:.7g}), "
                       f"got {_shown(value)}")
 
 
 def _number(value: Any, what: str, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{what}: {where} must be a number, got {value!r}")
+        raise AttnlabInputTypeError(f"{what}: {where} must be a number, got {value!r}")
     try:
         v = float(value)
     except OverflowError:  # an int too large for a float
         raise _too_large(what, where, value) from None
     if not math.isfinite(v):
-        raise ValueError(f"{what}: {where} must be a finite number, got {value!r}")
+        raise AttnlabInputError(f"{what}: {where} must be a finite number, got {value!r}")
     if abs(v) > _FLOAT32_MAX:
         raise _too_large(what, where, value)
     return v
@@ -103,14 +105,14 @@ def to_matrix(obj: Any, what: str) -> np.ndarray:
         obj = obj.detach().cpu().numpy()
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in "fiu":
-            raise ValueError(f"{what} must hold numbers, got an array of dtype {obj.dtype}")
+            raise AttnlabInputError(f"{what} must hold numbers, got an array of dtype {obj.dtype}")
         if obj.ndim != 2:
-            raise ValueError(f"{what} must be a 2-D matrix (one row per token), got shape {obj.shape}")
+            raise AttnlabInputError(f"{what} must be a 2-D matrix (one row per token), got shape {obj.shape}")
         if obj.size == 0:
-            raise ValueError(f"{what} is empty: got shape {obj.shape}")
+            raise AttnlabInputError(f"{what} is empty: got shape {obj.shape}")
         if not np.isfinite(obj).all():
             r, c = np.argwhere(~np.isfinite(obj))[0]
-            raise ValueError(f"{what}: row {r + 1}, column {c + 1} must be a finite number, got {obj[r, c]}")
+            raise AttnlabInputError(f"{what}: row {r + 1}, column {c + 1} must be a finite number, got {obj[r, c]}")
         if obj.dtype.kind == "f" and obj.dtype.itemsize > 4:  # ints are at most 2**64, far below the limit
             big = np.abs(obj) > _FLOAT32_MAX
             if big.any():
@@ -118,20 +120,20 @@ def to_matrix(obj: Any, what: str) -> np.ndarray:
                 raise _too_large(what, f"row {r + 1}, column {c + 1}", obj[r, c])
         return obj.astype(np.float32)
     if not isinstance(obj, (list, tuple)):
-        raise TypeError(f"{what} must be a list of rows (e.g. [[0.2, 0.1], [0.9, 0.3]]), got {type(obj).__name__}")
+        raise AttnlabInputTypeError(f"{what} must be a list of rows (e.g. [[0.2, 0.1], [0.9, 0.3]]), got {type(obj).__name__}")
     if not obj:
-        raise ValueError(f"{what} is empty: give at least one row")
+        raise AttnlabInputError(f"{what} is empty: give at least one row")
     rows: list[list[float]] = []
     for r, row in enumerate(obj):
         if not isinstance(row, (list, tuple)):
-            raise TypeError(f"{what}: row {r + 1} must be a list of numbers, got {row!r}")
+            raise AttnlabInputTypeError(f"{what}: row {r + 1} must be a list of numbers, got {row!r}")
         if not row:
-            raise ValueError(f"{what}: row {r + 1} is empty")
+            raise AttnlabInputError(f"{what}: row {r + 1} is empty")
         rows.append([_number(v, what, f"row {r + 1}, column {c + 1}") for c, v in enumerate(row)])
     width = len(rows[0])
     for r, row in enumerate(rows):
         if len(row) != width:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"{what} has ragged rows: row 1 has {width} numbers but row {r + 1} has {len(row)}"
             )
     return np.asarray(rows, dtype=np.float32)
@@ -141,14 +143,14 @@ def _read_json(text: str, what: str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{what}: {source} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise AttnlabInputError(f"{what}: {source} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
 
 
 def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{what}: {path} is not a UTF-8 text file") from None
+        raise AttnlabInputError(f"{what}: {path} is not a UTF-8 text file") from None
     except OSError as exc:
         raise OSError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
 
@@ -159,7 +161,7 @@ def _read_csv(path: Path, what: str) -> list[list[float]]:
     try:
         reader = list(csv.reader(text.splitlines()))
     except csv.Error as exc:
-        raise ValueError(f"{what}: {path} is not valid CSV ({exc})") from None
+        raise AttnlabInputError(f"{what}: {path} is not valid CSV ({exc})") from None
     for r, row in enumerate(reader):
         cells = [c.strip() for c in row]
         if not any(cells):
@@ -169,7 +171,7 @@ def _read_csv(path: Path, what: str) -> list[list[float]]:
             try:
                 values.append(float(cell))
             except ValueError:
-                raise ValueError(
+                raise AttnlabInputError(
                     f"{what}: {path} line {r + 1}, column {c + 1} must be a number, got {cell!r}"
                 ) from None
         rows.append(values)
@@ -183,7 +185,7 @@ def _file(spec: str, what: str, suffixes: tuple[str, ...]) -> Path:
     if not path.is_file():
         raise OSError(f"{what}: not a file: {spec}")
     if path.suffix.lower() not in suffixes:
-        raise ValueError(f"{what}: {spec} must end in {', '.join(suffixes)}, got {path.suffix or 'no suffix'!r}")
+        raise AttnlabInputError(f"{what}: {spec} must end in {', '.join(suffixes)}, got {path.suffix or 'no suffix'!r}")
     return path
 
 
@@ -192,7 +194,7 @@ def load_embeddings(spec: str, *, what: str = "--embeddings") -> np.ndarray:
     file: a (num_tokens, d_in) float32 matrix."""
     spec = spec.strip()
     if not spec:
-        raise ValueError(f"{what} is empty: give inline JSON such as '[[0.2, 0.1], [0.9, 0.3]]' or a file")
+        raise AttnlabInputError(f"{what} is empty: give inline JSON such as '[[0.2, 0.1], [0.9, 0.3]]' or a file")
     if spec[0] in "[{":
         return to_matrix(_read_json(spec, what, "the inline value"), what)
     path = _file(spec, what, (".json", ".csv", ".npy"))
@@ -207,16 +209,16 @@ def load_embeddings(spec: str, *, what: str = "--embeddings") -> np.ndarray:
     except OSError as exc:
         raise OSError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
     if magic != b"\x93NUMPY":
-        raise ValueError(f"{what}: {path} is not a valid .npy file (no NPY header; save it with numpy.save)")
+        raise AttnlabInputError(f"{what}: {path} is not a valid .npy file (no NPY header; save it with numpy.save)")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError:  # object arrays need pickle: refused
-        raise ValueError(f"{what}: {path} holds Python objects, not numbers (refused: user files are data)") \
+        raise AttnlabInputError(f"{what}: {path} holds Python objects, not numbers (refused: user files are data)") \
             from None
     except OSError as exc:
-        raise ValueError(f"{what}: {path} is not a valid .npy file ({exc})") from None
+        raise AttnlabInputError(f"{what}: {path} is not a valid .npy file ({exc})") from None
     if not isinstance(array, np.ndarray):
-        raise TypeError(f"{what}: {path} must hold one array, got {type(array).__name__}")
+        raise AttnlabInputTypeError(f"{what}: {path} must hold one array, got {type(array).__name__}")
     return to_matrix(array, what)
 
 
@@ -228,19 +230,19 @@ def load_weights(spec: str | Mapping[str, Any], *, what: str = "--weights") -> d
     else:
         spec = spec.strip()
         if not spec:
-            raise ValueError(f"{what} is empty: give a .json file with W_query, W_key and W_value")
+            raise AttnlabInputError(f"{what} is empty: give a .json file with W_query, W_key and W_value")
         if spec[0] == "{":
             data = _read_json(spec, what, "the inline value")
         else:
             path = _file(spec, what, (".json",))
             data = _read_json(_read_text(path, what), what, str(path))
     if not isinstance(data, Mapping):
-        raise TypeError(
+        raise AttnlabInputTypeError(
             f"{what} must be a JSON object with keys {', '.join(WEIGHT_NAMES)}, got {type(data).__name__}"
         )
     missing = [k for k in WEIGHT_NAMES if k not in data]
     if missing:
-        raise ValueError(
+        raise AttnlabInputError(
             f"{what} must have keys {', '.join(WEIGHT_NAMES)}; missing {', '.join(missing)} "
             f"(found {', '.join(map(str, data)) or 'none'})"
         )

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnlab.explain.steps import Step, Walkthrough, _is_integral, fmt
+from attnlab.explain.formatting import fmt, is_integral
+from attnlab.explain.steps import Step, Walkthrough
 
 __all__ = ["ELLIPSIS", "Table", "header_line", "settings_line", "tables"]
 
@@ -55,7 +56,7 @@ def tables(walk: Walkthrough, step: Step, precision: int, max_cols: int, max_row
            max_slices: int = 4) -> list[Table]:
     """The tables showing one step (one per head / batch entry for 3-D steps)."""
     vals = step.values
-    integral = _is_integral(vals[np.isfinite(vals)].ravel().tolist()) if vals.size else True
+    integral = is_integral(vals[np.isfinite(vals)].ravel().tolist()) if vals.size else True
     cell = lambda v: fmt(v, precision, integral=integral)
     if vals.ndim == 0:
         return [Table("", step.symbol, [""], [(step.symbol, [cell(vals)], False)])]

@@ -166,8 +166,9 @@ def _in_qk_section(step: Step) -> bool:
     return step.section in ("trainable", "causal")
 
 
-def _scale_by(divisor: str):
-    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+def _scale_by(divisor: str) -> Override:
+    def override(walk: Walkthrough, step: Step, ops: list[Interval],
+                 values: Mapping[str, Interval]) -> Interval | None:
         if _kind(step) != "scale" or not _in_qk_section(step):
             return None
         d_in, d_k = walk.settings.d_in, walk.settings.d_out
@@ -176,13 +177,15 @@ def _scale_by(divisor: str):
     return override
 
 
-def _softmax_rows_down(walk, step, ops, values) -> Interval | None:
+def _softmax_rows_down(walk: Walkthrough, step: Step, ops: list[Interval],
+                       values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) not in ("softmax", "softmax_naive") or ops[0].mid.ndim != 2:
         return None
     return softmax(ops[0], dim=0)
 
 
-def _by_sum(walk, step, ops, values) -> Interval | None:
+def _by_sum(walk: Walkthrough, step: Step, ops: list[Interval],
+            values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) not in ("softmax", "softmax_naive") or not np.isfinite(ops[0].mid).all():
         return None
     return by_sum(ops[0])
@@ -193,19 +196,22 @@ def _dot_operands(step: Step) -> bool:
         step.how.operands[0].endswith(".queries")
 
 
-def _raw_embeddings(walk, step, ops, values) -> Interval | None:
+def _raw_embeddings(walk: Walkthrough, step: Step, ops: list[Interval],
+                    values: Mapping[str, Interval]) -> Interval | None:
     if not _dot_operands(step):
         return None
     x = _recorded(walk, "input.embeddings", values)
     return scores(x, x)
 
 
-def _swapped(walk, step, ops, values) -> Interval | None:
+def _swapped(walk: Walkthrough, step: Step, ops: list[Interval],
+             values: Mapping[str, Interval]) -> Interval | None:
     return scores(ops[1], ops[0]) if _dot_operands(step) else None
 
 
-def _another_query(j: int):
-    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+def _another_query(j: int) -> Override:
+    def override(walk: Walkthrough, step: Step, ops: list[Interval],
+                 values: Mapping[str, Interval]) -> Interval | None:
         if _kind(step) != "dot":
             return None
         qi = walk.query
@@ -220,23 +226,27 @@ def _another_query(j: int):
     return override
 
 
-def _keys_from_queries(walk, step, ops, values) -> Interval | None:
+def _keys_from_queries(walk: Walkthrough, step: Step, ops: list[Interval],
+                       values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) != "project" or step.name != "keys" or not _in_qk_section(step):
         return None
     return matmul(ops[0], _recorded(walk, f"{step.section}.W_query", values))
 
 
-def _w_transposed(walk, step, ops, values) -> Interval | None:
+def _w_transposed(walk: Walkthrough, step: Step, ops: list[Interval],
+                  values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) != "project" or ops[1].mid.shape[0] != ops[1].mid.shape[1]:
         return None
     return matmul(ops[0], ops[1].transpose(1, 0))
 
 
-def _mask_with_zero(walk, step, ops, values) -> Interval | None:
+def _mask_with_zero(walk: Walkthrough, step: Step, ops: list[Interval],
+                    values: Mapping[str, Interval]) -> Interval | None:
     return times(ops[0], ops[1].mid) if _kind(step) == "mask_before" else None
 
 
-def _no_renorm(walk, step, ops, values) -> Interval | None:
+def _no_renorm(walk: Walkthrough, step: Step, ops: list[Interval],
+               values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) == "mask_after":
         return ops[0]
     if step.id == "causal.weights_masked":
@@ -249,14 +259,16 @@ def _no_renorm(walk, step, ops, values) -> Interval | None:
     return None
 
 
-def _dropout_no_rescale(walk, step, ops, values) -> Interval | None:
+def _dropout_no_rescale(walk: Walkthrough, step: Step, ops: list[Interval],
+                        values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) != "dropout" or not ops:
         return None
     return times(ops[0], (step.values != 0).astype(np.float64))
 
 
-def _weighted(replace: str):
-    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+def _weighted(replace: str) -> Override:
+    def override(walk: Walkthrough, step: Step, ops: list[Interval],
+                 values: Mapping[str, Interval]) -> Interval | None:
         if _kind(step) != "weighted_sum" or step.how is None:
             return None
         w, v = ops
@@ -281,8 +293,9 @@ def _weighted(replace: str):
     return override
 
 
-def _heads(split: str = "right", divisor: str = "head"):
-    def override(walk: Walkthrough, step: Step, ops: list[Interval], values) -> Interval | None:
+def _heads(split: str = "right", divisor: str = "head") -> Override:
+    def override(walk: Walkthrough, step: Step, ops: list[Interval],
+                 values: Mapping[str, Interval]) -> Interval | None:
         if step.id not in ("multihead.mha_weights", "multihead.mha_context"):
             return None
         out = mha_attention(walk, split=split, divisor=divisor)
@@ -292,7 +305,8 @@ def _heads(split: str = "right", divisor: str = "head"):
     return override
 
 
-def _concat_wrong(walk, step, ops, values) -> Interval | None:
+def _concat_wrong(walk: Walkthrough, step: Step, ops: list[Interval],
+                  values: Mapping[str, Interval]) -> Interval | None:
     if _kind(step) != "concat" or ops[0].mid.ndim != 3:
         return None
     h, t, hd = ops[0].mid.shape

@@ -37,12 +37,15 @@ from typing import Any, cast
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.explain import cells
-from attnlab.explain.build import _resolve_query
+from attnlab.explain.build import resolve_query
 from attnlab.explain.inputs import unique_labels
+from attnlab.explain.kinds import linear_row
 from attnlab.explain.steps import How, Settings, Step, Walkthrough, fmt, fmt_vector
 
-__all__ = ["DEFAULT_MODEL", "ModelWalkthrough", "attention_maps", "explain_model", "get_encoder", "model_names"]
+__all__ = ["DEFAULT_MODEL", "ModelWalkthrough", "attention_maps", "explain_model", "get_encoder", "model_names",
+           "resolve_model_query"]
 
 DEFAULT_MODEL = "minilm"
 SECTION = "model"
@@ -60,12 +63,12 @@ def model_names() -> list[str]:
 
 def _canonical(model: Any) -> str:
     """The canonical name; ValueError from :mod:`attnlab.pretrained`'s one check, naming ``model``."""
-    from attnlab.pretrained import _canonical_name
+    from attnlab.pretrained import canonical_name
 
     if isinstance(model, str) and model.strip().lower() not in _known() and Path(model).expanduser().is_dir():
-        raise ValueError(f"model {model!r} is a directory without a config.json: give a Hugging Face model "
+        raise AttnlabInputError(f"model {model!r} is a directory without a config.json: give a Hugging Face model "
                          "directory (config.json, weights and tokenizer from save_pretrained) or minilm")
-    return _canonical_name(model, "model")
+    return canonical_name(model, "model")
 
 
 def _known() -> set[str]:
@@ -91,7 +94,7 @@ def get_encoder(model: str = DEFAULT_MODEL) -> Any:
 
 def _check_number(argument: str, value: Any, size: int, unit: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= size:
-        raise ValueError(
+        raise AttnlabInputError(
             f"{argument} must be an integer from 1 to {size} (1-based; the model has {size} {unit}), "
             f"got {value!r}"
         )
@@ -151,30 +154,6 @@ class ModelWalkthrough(Walkthrough):
                 f"d_k = {st.d_out} per head · scores ÷ √d_k"
                 + (f" · text cut at {self.max_tokens} tokens" if self.truncated else ""))
 
-    def explain_cell(self, step_id: str, index: Sequence[int], precision: int = 4) -> list[str]:
-        """As :meth:`Walkthrough.explain_cell`, plus the scaled dot product of ``model.scores``."""
-        step = self.step(step_id)
-        idx = tuple(int(i) for i in index)
-        if step.how is None or step.how.kind != "scaled_dot":
-            return super().explain_cell(step_id, idx, precision)
-        if len(idx) != step.values.ndim or any(
-            not 0 <= i < n for i, n in zip(idx, step.values.shape, strict=True)
-        ):
-            raise IndexError(f"index {idx} is outside {step_id} of shape {step.shape}")
-        p = precision
-        q_step, k_step = (self.step(o) for o in step.how.operands)
-        i, j = idx
-        q_name, k_name = cells.row_name(self, q_step, (i,)), cells.row_name(self, k_step, (j,))
-        divisor = step.how.params.get("divisor_text", fmt(step.how.params.get("divisor", 1.0), p))
-        lines = [
-            (f"{cells.cell_name(self, step, idx)} = {q_name} · {k_name} / {divisor} = "
-             f"{_short(q_step.values[i], p)} · {_short(k_step.values[j], p)} / {divisor} = "
-             f"{fmt(float(step.values[idx]), p)}")
-        ]
-        for operand, row in ((q_step, i), (k_step, j)):
-            lines += _projection_line(self, operand, row, p)
-        return lines
-
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["model"] = {"name": self.model, "layer": self.layer, "head": self.head,
@@ -186,25 +165,17 @@ class ModelWalkthrough(Walkthrough):
         return data
 
 
-def _projection_line(walk: Walkthrough, step: Step, row: int, p: int) -> list[str]:
-    """``q_cat = x_cat @ W_query + b_query = [..] @ W_query + b_query = [..]`` from recorded numbers."""
-    if step.how is None or step.how.kind != "linear":
-        return []
-    x_step, w_step = (walk.step(o) for o in step.how.operands)
-    x_name = cells.row_name(walk, x_step, (row,))
-    plus = f" + {step.how.params.get('bias_name', 'b')}" if step.how.params.get("bias", ()) is not None else ""
-    return [(f"  {cells.row_name(walk, step, (row,))} = {x_name} @ {w_step.symbol}{plus} = "
-             f"{_short(x_step.values[row], p)} @ {w_step.symbol}{plus} = {_short(step.values[row], p)}")]
-
-
-def _resolve_model_query(query: str | int | None, tokens: Sequence[str], labels: Sequence[str]) -> int:
+def resolve_model_query(query: str | int | None, tokens: Sequence[str], labels: Sequence[str]) -> int:
+    """:func:`attnlab.explain.build.resolve_query` for a model's word pieces: None is the first word after
+    [CLS], and a word not found as given is looked up lower-cased (the tokenizer lower-cases: "The" is the
+    token "the"). Shared by the walkthrough, the heatmap and the report of a pretrained model."""
     if query is None:
         return 1 if len(tokens) >= 2 else 0  # the first word after [CLS]
     if isinstance(query, str) and query.strip() not in labels and query.strip() not in tokens:
         lower = query.strip().lower()  # the tokenizer lower-cases: "The" is the token "the"
         if lower in labels or lower in tokens:
             query = lower
-    return _resolve_query(query, tokens, labels)
+    return resolve_query(query, tokens, labels)
 
 
 def explain_model(
@@ -247,7 +218,7 @@ def explain_model(
     steps = every_head.for_head(head - 1)  # the head's slices of the same record
     tokens = tuple(steps.tokens)
     labels = unique_labels(tokens)
-    qi = _resolve_model_query(query, tokens, labels)
+    qi = resolve_model_query(query, tokens, labels)
     hd, d_in = steps.head_dim, steps.x.shape[-1]
     settings = Settings(d_in=d_in, d_out=hd, heads=n_heads, dropout=0.0, seed=0, v2_seed=0, scale=True,
                         embeddings="model", weights="pretrained", sections=(SECTION,))
@@ -338,7 +309,7 @@ def _explain_dir(text: object, model: str, layer: int | None, head: int, query: 
     if query is None:
         qi = len(tokens) - 1 if causal else (1 if len(tokens) >= 2 else 0)  # a decoder's last token sees all
     else:
-        qi = _resolve_model_query(query, tokens, labels)
+        qi = resolve_model_query(query, tokens, labels)
     name = hf_model.name
     settings = Settings(d_in=int(hs.x.shape[-1]), d_out=hs.head_dim, heads=hs.num_heads, dropout=0.0, seed=0,
                         v2_seed=0, scale=True, embeddings="model", weights="pretrained", sections=(SECTION,))
@@ -509,7 +480,7 @@ def _add_dir_details(walk: ModelWalkthrough, hs: Any) -> None:
         det(wname, [f"b_{wname[2:]} = {_short(bias, p)}" if bias is not None else "this layer has no bias"])
     linear = ["values", *(("queries_projected", "keys_projected") if hs.rotary else ("queries", "keys"))]
     for name_ in linear:
-        det(name_, _projection_line(walk, walk.step(f"{sec}.{name_}"), qi, p))
+        det(name_, linear_row(walk, walk.step(f"{sec}.{name_}"), qi, p, _short))
     if hs.rotary:
         for name_ in ("queries", "keys"):
             step = walk.step(f"{sec}.{name_}")
@@ -534,9 +505,9 @@ def _add_dir_details(walk: ModelWalkthrough, hs: Any) -> None:
 
 def _check_text_arg(text: object) -> None:
     if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+        raise AttnlabInputTypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
+        raise AttnlabInputError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
 
 
 def _checked_encoder(model: str, text: object, encoder: Any) -> tuple[str, Any]:
@@ -544,9 +515,9 @@ def _checked_encoder(model: str, text: object, encoder: Any) -> tuple[str, Any]:
     ``text`` is a non-empty str."""
     canonical = _canonical(model)
     if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+        raise AttnlabInputTypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
+        raise AttnlabInputError(f"text is empty: give the sentence to look at, e.g. \"The cat sat.\" (got {text!r})")
     return canonical, (_load(canonical) if encoder is None else encoder)
 
 
@@ -684,7 +655,7 @@ def _add_details(walk: ModelWalkthrough) -> None:
         w = walk.step(f"{sec}.{wname}")
         det(wname, [f"b_{wname[2:]} = {_short(w.extra['bias'], p)}"])
     for name_ in ("queries", "keys", "values"):
-        det(name_, _projection_line(walk, walk.step(f"{sec}.{name_}"), qi, p))
+        det(name_, linear_row(walk, walk.step(f"{sec}.{name_}"), qi, p, _short))
     det("scores", walk.explain_cell(f"{sec}.scores", (qi, qi), p))
     w = walk.step(f"{sec}.weights")
     row = w.values[qi]

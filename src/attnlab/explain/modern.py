@@ -32,6 +32,7 @@ from torch import Tensor
 
 from attnlab import functional as F
 from attnlab.cache import KVCache
+from attnlab.errors import AttnlabInputError
 from attnlab.explain.steps import How
 from attnlab.masks import causal_mask, window_mask
 from attnlab.modules import MultiHeadAttention
@@ -92,9 +93,9 @@ MAX_WINDOW = 2048
 
 def _int(name: str, value: object, low: int = 1, high: int | None = None, why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        raise AttnlabInputError(f"{name} must be an int >= {low}, got {value!r}")
     if high is not None and value > high:
-        raise ValueError(f"{name} must be from {low} to {high}{why}, got {value!r}")
+        raise AttnlabInputError(f"{name} must be from {low} to {high}{why}, got {value!r}")
     return int(value)
 
 
@@ -108,21 +109,21 @@ def modern_options(
     dflt = MODERN_DEFAULTS[section]
     h = _int("heads", heads) if heads is not None else dflt["heads"]
     if h > max_heads:
-        raise ValueError(f"heads must be at most {max_heads} for a step-by-step walkthrough, got {h}")
+        raise AttnlabInputError(f"heads must be at most {max_heads} for a step-by-step walkthrough, got {h}")
     if d_out is None:
         d = h * dflt.get("head_dim", 2)
     else:
         d = _int("d_out", d_out)
     if d > max_d_out:
-        raise ValueError(f"d_out must be at most {max_d_out} for a step-by-step walkthrough, got {d}")
+        raise AttnlabInputError(f"d_out must be at most {max_d_out} for a step-by-step walkthrough, got {d}")
     if d % h:
-        raise ValueError(f"heads must divide d_out in section {section!r}: got d_out={d} and heads={h}")
+        raise AttnlabInputError(f"heads must divide d_out in section {section!r}: got d_out={d} and heads={h}")
     opts = ModernOptions(heads=h, d_out=d)
     if section == "gqa":
         g = _int("kv_groups", kv_groups) if kv_groups is not None else min(dflt["kv_groups"], h)
         if h % g:
             divisors = [n for n in range(1, h + 1) if h % n == 0]
-            raise ValueError(f"kv_groups must divide heads: got kv_groups={g} and heads={h} (try {divisors})")
+            raise AttnlabInputError(f"kv_groups must divide heads: got kv_groups={g} and heads={h} (try {divisors})")
         opts = ModernOptions(heads=h, d_out=d, kv_groups=g)
     elif section == "window":
         w = _int("window_size", window_size, high=MAX_WINDOW,
@@ -131,10 +132,10 @@ def modern_options(
         opts = ModernOptions(heads=h, d_out=d, window_size=w)
     elif section == "rope":
         if (d // h) % 2:
-            raise ValueError(f"rope needs an even head size (d_out / heads): got d_out={d} and heads={h}, "
+            raise AttnlabInputError(f"rope needs an even head size (d_out / heads): got d_out={d} and heads={h}, "
                              f"head size {d // h}; give an even --d-out")
         if isinstance(rope_base, bool) or not isinstance(rope_base, (int, float)) or not 1.0 < rope_base < math.inf:
-            raise ValueError(f"rope_base must be a number > 1 (and finite), got {rope_base!r}")
+            raise AttnlabInputError(f"rope_base must be a number > 1 (and finite), got {rope_base!r}")
         top = MAX_EXACT_POSITION - (num_tokens - 1)  # the last token's position p + shift stays exact
         s = _int("rope_shift", rope_shift, low=1, high=top,
                  why=f" (the positions p + shift of the {num_tokens} tokens are float32 in the rotation angles, "
@@ -159,7 +160,7 @@ def _module(d_in: int, t: int, o: ModernOptions, seed: int, given: Mapping[str, 
             layer = getattr(mha, name)
             want = tuple(layer.weight.T.shape)
             if tuple(given[name].shape) != want:
-                raise ValueError(f"weights: {name} must be {want[0]} x {want[1]} for {text}, got "
+                raise AttnlabInputError(f"weights: {name} must be {want[0]} x {want[1]} for {text}, got "
                                  f"{given[name].shape[0]} x {given[name].shape[1]}; leave out --weights for "
                                  "seeded ones")
             layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(given[name].T)))
@@ -193,7 +194,8 @@ def build_modern(rec: Any, section: str, x: Tensor, labels: tuple[str, ...], o: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _cache(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
+def _cache(rec: Any, x: Tensor, labels: tuple[str, ...], o: ModernOptions, seed: int,
+           given: Mapping[str, np.ndarray] | None) -> None:
     sec = "cache"
     t, d_in = x.shape
     mha, mod = _module(d_in, t, o, seed, given)
@@ -273,7 +275,8 @@ def _cache(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _gqa(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
+def _gqa(rec: Any, x: Tensor, labels: tuple[str, ...], o: ModernOptions, seed: int,
+         given: Mapping[str, np.ndarray] | None) -> None:
     sec = "gqa"
     t, d_in = x.shape
     g = o.kv_groups or o.heads
@@ -351,7 +354,8 @@ def _gqa(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _window(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
+def _window(rec: Any, x: Tensor, labels: tuple[str, ...], o: ModernOptions, seed: int,
+            given: Mapping[str, np.ndarray] | None) -> None:
     sec = "window"
     t, d_in = x.shape
     w = o.window_size or t
@@ -410,7 +414,8 @@ def _window(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rope(rec, x: Tensor, labels, o: ModernOptions, seed: int, given) -> None:
+def _rope(rec: Any, x: Tensor, labels: tuple[str, ...], o: ModernOptions, seed: int,
+          given: Mapping[str, np.ndarray] | None) -> None:
     sec = "rope"
     t, d_in = x.shape
     mha, mod = _module(d_in, t, o, seed, given, rope=True, rope_base=o.rope_base)

@@ -4,19 +4,11 @@ Used by ``--expect`` and ``attnlab check`` to judge a learner's numbers: the ste
 *as the learner had them* (rounded to the decimals shown or written, or the learner's own earlier
 numbers), and the step's operation is applied to them. The recorded walkthrough is never changed.
 
-Interval arithmetic. A value is an :class:`Interval`: a centre (float64, computed by
-:mod:`attnlab.functional`'s own operations, so the math lives once) and a radius >= 0 bounding how far
-the true result can be from the centre when each operand lies anywhere within its own radius. A
-number the learner *wrote* with ``d`` decimals stands for every value that rounds to it, so it enters
-with radius ``0.5·10⁻ᵈ``; a number read from the walkthrough (rounded to the shown precision, or to the
-learner's decimals) enters as a point, radius 0. Each operation bounds its result rigorously:
-
-    x @ W, q·k, Σ w v     |A|·r_B + r_A·|B| + r_A·r_B        (products of intervals, summed)
-    ÷ c, × mask, dropout  r / |c|, r × |mask|, r × keep / (1 − p)
-    softmax               exp(hi_i) / (exp(hi_i) + Σ_{j≠i} exp(lo_j)), and the same for the lower end
-    ÷ Σ (all positive)    hi_i / (hi_i + Σ_{j≠i} lo_j), and the same for the lower end; with signs
-                          mixed, the first-order bound Σ_j |∂w_i/∂a_j| r_j doubled
-    concat, masks         the radius moves with its number
+Each step kind's operation is an entry of the one table of step kinds (:data:`attnlab.explain.kinds.KINDS`,
+applied by :func:`operate`); the interval arithmetic it uses is :mod:`attnlab.explain.interval` (its
+names are importable from here too). A number the learner *wrote* with ``d`` decimals stands for every
+value that rounds to it, so it enters with radius ``0.5·10⁻ᵈ``; a number read from the walkthrough
+(rounded to the shown precision, or to the learner's decimals) enters as a point, radius 0.
 
 A hypothesis of how the learner worked (right, a named mistake, see :mod:`.mistakes`) is a function
 that overrides some steps' operations; :func:`evaluate` runs the chain of steps from the learner's
@@ -28,212 +20,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from attnlab import functional as F
+from attnlab.explain.interval import (
+    Interval,
+    by_sum,
+    mask_fill,
+    mask_renormalise,
+    matmul,
+    merge_heads,
+    rounded,
+    scale,
+    scores,
+    softmax,
+    times,
+)
+from attnlab.explain.kinds import KINDS, kind_of, operate
 from attnlab.explain.steps import Step, Walkthrough
 
-__all__ = ["RECOMPUTABLE", "Interval", "Override", "ancestors", "evaluate", "mha_attention", "operate", "recompute", "rounded"]
+__all__ = ["RECOMPUTABLE", "Interval", "Override", "ancestors", "by_sum", "evaluate", "mask_fill",
+           "mask_renormalise", "matmul", "merge_heads", "mha_attention", "operate", "recompute", "rounded", "scale",
+           "scores", "softmax", "times"]
 
-RECOMPUTABLE = ("project", "dot", "scale", "divide_by_sum", "softmax", "softmax_naive", "weighted_sum",
-                "mask_zero", "mask_after", "mask_before", "dropout", "linear", "concat")
-
-
-def rounded(values: np.ndarray, decimals: int | None) -> np.ndarray:
-    """``values`` as shown with ``decimals`` decimals (infinities kept; None: unchanged)."""
-    out = np.asarray(values, dtype=np.float64).copy()
-    if decimals is None:
-        return out
-    finite = np.isfinite(out)
-    out[finite] = np.round(out[finite], decimals)
-    return out
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Every value within ``rad`` of ``mid`` (elementwise; ``mid`` may hold -inf with radius 0)."""
-
-    mid: np.ndarray
-    rad: np.ndarray
-
-    @staticmethod
-    def point(values: np.ndarray) -> Interval:
-        mid = np.asarray(values, dtype=np.float64)
-        return Interval(mid, np.zeros_like(mid))
-
-    @staticmethod
-    def written(values: np.ndarray, decimals: np.ndarray | int) -> Interval:
-        """Numbers written with ``decimals`` decimals: each stands for everything that rounds to it."""
-        mid = np.asarray(values, dtype=np.float64)
-        rad = 0.5 * np.power(10.0, -np.asarray(decimals, dtype=np.float64)) * np.ones_like(mid)
-        return Interval(mid, np.where(np.isfinite(mid), rad, 0.0))
-
-    @property
-    def lo(self) -> np.ndarray:
-        return self.mid - self.rad
-
-    @property
-    def hi(self) -> np.ndarray:
-        return self.mid + self.rad
-
-    def rounded(self, decimals: int | None) -> Interval:
-        return self if decimals is None else Interval(rounded(self.mid, decimals), self.rad)
-
-    def reshape(self, *shape: int) -> Interval:
-        return Interval(self.mid.reshape(*shape), self.rad.reshape(*shape))
-
-    def transpose(self, *axes: int) -> Interval:
-        return Interval(self.mid.transpose(*axes), self.rad.transpose(*axes))
-
-    def swap_last(self) -> Interval:
-        return Interval(np.swapaxes(self.mid, -1, -2), np.swapaxes(self.rad, -1, -2))
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
-
-
-def _finite(a: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(a), a, 0.0)
-
-
-def matmul(a: Interval, b: Interval) -> Interval:
-    """``a @ b`` with the product bound (both may be batched)."""
-    mid = (_t(a.mid) @ _t(b.mid)).numpy()
-    am, bm = np.abs(_finite(a.mid)), np.abs(_finite(b.mid))
-    rad = am @ b.rad + a.rad @ bm + a.rad @ b.rad
-    return Interval(mid, rad)
-
-
-def scores(a: Interval, b: Interval) -> Interval:
-    """Every row of ``a`` against every row of ``b``: ``a @ bᵀ`` (:func:`attnlab.functional.all_pair_scores`)."""
-    mid = F.all_pair_scores(_t(a.mid), _t(b.mid)).numpy()  # (..., T_q, T_k)
-    return Interval(mid, matmul(a, b.swap_last()).rad)
-
-
-def scale(a: Interval, divisor: float) -> Interval:
-    return Interval(a.mid / divisor, a.rad / abs(divisor))
-
-
-def times(a: Interval, factor: np.ndarray) -> Interval:
-    """Elementwise by exact numbers (a mask, dropout's kept entries and rescaling)."""
-    f = np.asarray(factor, dtype=np.float64)
-    return Interval(a.mid * f, a.rad * np.abs(f))
-
-
-def softmax(a: Interval, dim: int = -1) -> Interval:
-    """:func:`attnlab.functional.softmax` with the exact bound of each weight over the box of scores."""
-    mid = F.softmax(_t(a.mid), dim=dim).numpy()
-    lo, hi = a.lo, a.hi
-    top = np.max(np.where(np.isfinite(hi), hi, -np.inf), axis=dim, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    e_lo, e_hi = np.exp(lo - top), np.exp(hi - top)
-    s_lo, s_hi = e_lo.sum(axis=dim, keepdims=True), e_hi.sum(axis=dim, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        w_hi = e_hi / (e_hi + np.maximum(s_lo - e_lo, 0.0))
-        w_lo = e_lo / (e_lo + np.maximum(s_hi - e_hi, 0.0))
-    w_hi, w_lo = np.nan_to_num(w_hi, nan=0.0), np.nan_to_num(w_lo, nan=0.0)
-    rad = np.maximum(np.maximum(w_hi - mid, mid - w_lo), 0.0)
-    return Interval(mid, np.where(a.rad.max() == 0, 0.0, rad))
-
-
-def by_sum(a: Interval, dim: int = -1) -> Interval:
-    """``a / a.sum(dim)`` (:func:`attnlab.functional.normalize_by_sum`) with its bound."""
-    mid = F.normalize_by_sum(_t(a.mid), dim=dim).numpy()
-    if not a.rad.any():
-        return Interval(mid, np.zeros_like(mid))
-    lo, hi = a.lo, a.hi
-    if (lo >= 0).all():
-        s_lo, s_hi = lo.sum(axis=dim, keepdims=True), hi.sum(axis=dim, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            w_hi = hi / (hi + (s_lo - lo))
-            w_lo = lo / (lo + (s_hi - hi))
-        w_hi, w_lo = np.nan_to_num(w_hi, nan=0.0, posinf=np.inf), np.nan_to_num(w_lo, nan=0.0)
-        return Interval(mid, np.maximum(np.maximum(w_hi - mid, mid - w_lo), 0.0))
-    s = a.mid.sum(axis=dim, keepdims=True)
-    total = a.rad.sum(axis=dim, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rad = 2.0 * (a.rad * np.abs(s - a.mid) + np.abs(a.mid) * (total - a.rad)) / (s * s)
-    return Interval(mid, np.nan_to_num(rad, nan=np.inf))
-
-
-def mask_renormalise(a: Interval, allowed: np.ndarray) -> Interval:
-    """Zero the masked weights and renormalise each row (:func:`attnlab.functional.mask_after_softmax`)."""
-    mid = F.mask_after_softmax(_t(a.mid), _t(allowed) > 0).numpy()
-    return Interval(mid, by_sum(times(a, allowed > 0)).rad)
-
-
-def mask_fill(a: Interval, allowed: np.ndarray) -> Interval:
-    """Masked scores set to -inf (:func:`attnlab.functional.mask_before_softmax`)."""
-    keep = np.asarray(allowed) > 0
-    mid = F.mask_before_softmax(_t(a.mid), torch.from_numpy(keep)).numpy()
-    return Interval(mid, np.where(keep, a.rad, 0.0))
-
-
-def merge_heads(a: Interval) -> Interval:
-    """(H, T, hd) -> (T, H·hd): the heads side by side, as ``transpose(1, 2).view(T, d_out)`` does."""
-    h, t, hd = a.mid.shape
-    return a.transpose(1, 0, 2).reshape(t, h * hd)  # (T, H, hd) -> (T, H * hd)
+# The kinds whose numbers are an operation on recorded operands (the table's entries with a recomputation).
+RECOMPUTABLE = tuple(name for name, kind in KINDS.items() if kind.recompute is not None)
 
 
 Override = Callable[[Walkthrough, Step, list[Interval], Mapping[str, Interval]], "Interval | None"]
-
-
-def operate(walk: Walkthrough, step: Step, ops: list[Interval]) -> Interval | None:
-    """``step``'s own operation on ``ops`` (its operands, in the order of ``step.how.operands``); None
-    when the step is not an operation on recorded operands (inputs, weights, the classes' outputs)."""
-    how = step.how
-    if how is None or how.kind not in RECOMPUTABLE:
-        return None
-    kind, params = how.kind, how.params
-    if kind == "project":
-        out = matmul(ops[0], ops[1])  # (T, d_in) @ (d_in, d_out) -> (T, d_out)
-    elif kind == "dot":
-        if step.values.ndim == 1:
-            row = int(params.get("row", walk.query))
-            query = Interval(ops[0].mid[row][None, :], ops[0].rad[row][None, :])  # (1, d)
-            whole = scores(query, ops[1])  # (1, T)
-            out = Interval(whole.mid[0], whole.rad[0])  # (T,)
-        else:
-            out = scores(ops[0], ops[1])  # (..., T, T)
-    elif kind == "scale":
-        out = scale(ops[0], float(params.get("divisor", 1.0)))
-    elif kind == "divide_by_sum":
-        out = by_sum(ops[0])
-    elif kind in ("softmax", "softmax_naive"):
-        out = softmax(ops[0])
-    elif kind == "weighted_sum":
-        w = ops[0]
-        if w.mid.ndim == 1:
-            w2 = w.reshape(1, -1)  # (T,) -> (1, T)
-            res = matmul(w2, ops[1])  # (1, d)
-            out = res.reshape(-1)  # (1, d) -> (d,)
-        else:
-            out = matmul(w, ops[1])  # (..., T, d)
-    elif kind == "mask_zero":
-        out = times(ops[0], ops[1].mid)
-    elif kind == "mask_after":
-        allowed = walk.step("causal.mask").values if "causal.mask" in walk else (ops[0].mid != 0)
-        out = mask_renormalise(ops[0], np.asarray(allowed, dtype=np.float64))
-    elif kind == "mask_before":
-        out = mask_fill(ops[0], ops[1].mid)
-    elif kind == "dropout":
-        if not ops:
-            return None
-        keep = (step.values != 0).astype(np.float64)  # the entries this dropout kept (the seeded draw)
-        out = times(ops[0], keep / (1.0 - float(params.get("p", 0.0))))
-    elif kind == "concat":
-        if ops[0].mid.ndim != 3:
-            return None
-        out = merge_heads(ops[0])  # (H, T, hd) -> (T, d_out)
-    else:  # linear
-        bias = params.get("bias")
-        res = matmul(ops[0], ops[1])
-        out = Interval(res.mid + (np.asarray(bias, dtype=np.float64) if bias is not None else 0.0), res.rad)
-    return out if out.mid.shape == step.values.shape else None
 
 
 def ancestors(walk: Walkthrough, target: str, stop: frozenset[str] = frozenset()) -> dict[str, int]:
@@ -282,7 +98,7 @@ def evaluate(walk: Walkthrough, target: str, *, given: Mapping[str, Interval] | 
             continue
         how = step.how
         ops_ids = () if how is None else how.operands
-        if sid != target and how is not None and how.kind == "dropout" and not ops_ids:
+        if sid != target and kind_of(step).drawn and not ops_ids:  # a random draw: exact as recorded
             values[sid] = Interval.point(step.values)
             continue
         ops = [values[o] if o in values else Interval.point(rounded(walk.step(o).values, basis)) for o in ops_ids]
@@ -305,7 +121,7 @@ def recompute(walk: Walkthrough, step: Step, operands: Mapping[str, np.ndarray] 
     id -> values; operands not given are the recorded ones); None when the step is not an operation on
     recorded operands."""
     how = step.how
-    if how is None or how.kind not in RECOMPUTABLE or any(o not in walk for o in how.operands):
+    if how is None or kind_of(step).recompute is None or any(o not in walk for o in how.operands):
         return None
     given = operands or {}
     ops = [Interval.point(given[o] if o in given else walk.step(o).values) for o in how.operands]

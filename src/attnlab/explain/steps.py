@@ -24,6 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError
+from attnlab.explain.formatting import fmt, fmt_vector
+from attnlab.notebook import to_html
+
 __all__ = [
     "ALL_SECTIONS",
     "FORMAT_VERSION",
@@ -75,7 +79,7 @@ def resolve_sections(names: str | Iterable[str]) -> tuple[tuple[str, ...], list[
     items = [names] if isinstance(names, str) else list(names)
     parts = [p.strip() for item in items for p in str(item).split(",") if p.strip()]
     if not parts:
-        raise ValueError(f"sections is empty; valid sections: {', '.join(ALL_SECTIONS)}")
+        raise AttnlabInputError(f"sections is empty; valid sections: {', '.join(ALL_SECTIONS)}")
     chosen: list[str] = []
     notices: list[str] = []
     for name in parts:
@@ -87,7 +91,7 @@ def resolve_sections(names: str | Iterable[str]) -> tuple[tuple[str, ...], list[
             chosen += new
             notices.append(f"section {name!r} is now called {' and '.join(repr(n) for n in new)}")
         else:
-            raise ValueError(f"unknown section {name!r}; valid sections: {', '.join(ALL_SECTIONS)}")
+            raise AttnlabInputError(f"unknown section {name!r}; valid sections: {', '.join(ALL_SECTIONS)}")
     return tuple(s for s in ALL_SECTIONS if s in chosen), notices
 SECTION_TITLES = {
     "input": "Input: tokens and embeddings",
@@ -101,61 +105,6 @@ SECTION_TITLES = {
     "window": "Sliding-window attention: a band instead of the lower triangle",
     "rope": "Rotary position embeddings (RoPE): q and k rotated by position",
 }
-
-
-# --------------------------------------------------------------------------------------------------
-# Number formatting shared by every renderer
-# --------------------------------------------------------------------------------------------------
-
-
-def _is_integral(values: Iterable[float]) -> bool:
-    return all(math.isfinite(v) and abs(v - round(v)) < 1e-6 for v in values)
-
-
-def fmt(value: float, precision: int = 4, *, integral: bool | None = None, trim: bool = False) -> str:
-    """One number as shown: ``-inf`` for masked scores, a whole number without decimals when every
-    number around it is whole (``integral``), else ``precision`` decimals (trailing zeros dropped with
-    ``trim``, as in written-out formulas: ``0.55×0.43``)."""
-    value = float(value)
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "-inf" if value < 0 else "inf"
-    if integral is None:
-        integral = _is_integral([value])
-    if integral:
-        return str(round(value))
-    short = _float32_text(value)  # recorded numbers are float32: 0.3, not 0.30000001
-    if short is not None and len(short.partition(".")[2]) <= precision:
-        text = short if trim else f"{float(short):.{precision}f}"  # its digits, padded with zeros
-    else:
-        text = f"{value:.{precision}f}"
-    if trim and "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return text[1:] if text.startswith("-") and text.strip("-0.") == "" else text  # no "-0.0000"
-
-
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def _float32_text(value: float) -> str | None:
-    """The shortest decimal that reads back as the same float32 (``0.4935`` for 0.49350002: the digits
-    beyond float32's ~7 significant ones are rounding noise), or None beyond float32's range."""
-    if not abs(value) <= _F32_MAX:
-        return None
-    return str(np.format_float_positional(np.float32(value), unique=True, trim="-"))
-
-
-def fmt_vector(values: Iterable[float], precision: int = 4, *, integral: bool | None = None,
-               trim: bool = False, limit: int | None = None) -> str:
-    """A vector as ``[2, 1]`` or ``[0.4306, 1.4551]`` (whole numbers only when all are whole); longer
-    than ``limit``: ``[0.1, 0.2, 0.3, …, 0.9] (40 numbers)``."""
-    vals = [float(v) for v in values]
-    integral = _is_integral(vals) if integral is None else integral
-    texts = [fmt(v, precision, integral=integral, trim=trim) for v in vals]
-    if limit is not None and len(texts) > limit:
-        return "[" + ", ".join([*texts[:3], "…", texts[-1]]) + f"] ({len(texts)} numbers)"
-    return "[" + ", ".join(texts) + "]"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,13 +172,13 @@ class Step:
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float32)
         if len(self.axes) != self.values.ndim or len(self.labels) != self.values.ndim:
-            raise ValueError(
+            raise AttnlabInputError(
                 f"step {self.id}: axes {self.axes} and labels must have one entry per dimension of values "
                 f"{self.values.shape}"
             )
         for axis, labels in enumerate(self.labels):
             if len(labels) != self.values.shape[axis]:
-                raise ValueError(
+                raise AttnlabInputError(
                     f"step {self.id}: axis {axis} ({self.axes[axis]}) has {self.values.shape[axis]} entries "
                     f"but {len(labels)} labels"
                 )
@@ -458,8 +407,6 @@ class Walkthrough:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
 
     def _repr_html_(self) -> str | None:
-        try:
-            from attnlab.report.html import render_html
-        except ImportError:
-            return None
-        return render_html(self)
+        """In a notebook: the interactive report (:func:`attnlab.report.render_html`, through
+        :mod:`attnlab.notebook`: the report is a layer above this one)."""
+        return to_html(self)

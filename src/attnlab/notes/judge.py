@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 
-from attnlab.explain import explain
+from attnlab.explain import Walkthrough, explain
 from attnlab.explain.check import Expectation, check
 from attnlab.explain.steps import fmt_vector
 from attnlab.notes.numbers import Written, numbers_in, vectors_in
@@ -34,7 +36,7 @@ RUN_TIMEOUT = 60.0  # seconds for all of a note's code, in its own process
 __all__ = ["judge_note"]
 
 
-def _fmt_right(values, decimals: int) -> str:
+def _fmt_right(values: Sequence[float], decimals: int) -> str:
     return fmt_vector(values, max(decimals, 0), trim=False) if len(values) != 1 else fmt_vector(values, decimals)[1:-1]
 
 
@@ -187,9 +189,19 @@ _INPUTS = re.compile(r"inputs\s*=\s*torch\.tensor\(\s*(\[.*?\])\s*\)", re.DOTALL
 _TOKEN_COMMENT = re.compile(r"""#\s*["“']?([\w']+)["”']?""")
 
 
-def _definitions(note: Note) -> dict:
+class _Definitions(TypedDict):
+    """What :func:`_definitions` finds in a note."""
+
+    tokens: list[str]
+    x: list[list[float]]  # one embedding per token
+    W: dict[str, list[list[float]]]  # "W_query" / "W_key" / "W_value" -> d_in x d_out
+    query: int | None  # 0-based
+    scale: bool  # divides the scores by sqrt(d_k)
+
+
+def _definitions(note: Note) -> _Definitions:
     """Tokens, embeddings, W matrices, the query and scaling, as the note defines them."""
-    d: dict = {"tokens": [], "x": [], "W": {}, "query": None, "scale": False}
+    d: _Definitions = {"tokens": [], "x": [], "W": {}, "query": None, "scale": False}
     for b in note.blocks:
         for ln in b.lines:
             m = _TOKEN_VEC.match(ln.text)
@@ -224,7 +236,7 @@ def _definitions(note: Note) -> dict:
     return d
 
 
-def _walk(d: dict):
+def _walk(d: _Definitions) -> Walkthrough | None:
     x = np.asarray(d["x"], dtype=np.float64)
     if x.ndim != 2 or x.size == 0:
         return None
@@ -242,7 +254,7 @@ _LABELS = (("context", "context"), ("weight", "weights"), ("score", "scores"), (
            ("key", "keys"), ("value", "values"))
 
 
-def _claims(note: Note, walk, lines: set[int] | None) -> list[_Claim]:
+def _claims(note: Note, walk: Walkthrough, lines: set[int] | None) -> list[_Claim]:
     """The numbers the note claims, each tied to a step and positions of ``walk``."""
     out: list[_Claim] = []
     trainable = "trainable.scores" in walk
@@ -314,7 +326,7 @@ def _claims(note: Note, walk, lines: set[int] | None) -> list[_Claim]:
     return out
 
 
-def _check_claims(note: Note, rep: NotesReport, lines: set[int] | None, d: dict) -> set[int]:
+def _check_claims(note: Note, rep: NotesReport, lines: set[int] | None, d: _Definitions) -> set[int]:
     walk = _walk(d)
     if walk is None:
         return set()

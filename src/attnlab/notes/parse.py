@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from attnlab.errors import AttnlabInputError
+
 __all__ = ["Block", "Line", "Note", "read_note"]
 
 
@@ -166,9 +168,9 @@ def _read_ipynb(text: str, path: Path) -> list[Block]:
     try:
         nb = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not a notebook (JSON error at line {exc.lineno}: {exc.msg})") from None
+        raise AttnlabInputError(f"{path}: not a notebook (JSON error at line {exc.lineno}: {exc.msg})") from None
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise ValueError(f"{path}: not a notebook: expected a JSON object with a list of 'cells'")  # noqa: TRY004
+        raise AttnlabInputError(f"{path}: not a notebook: expected a JSON object with a list of 'cells'")
     file_lines = text.splitlines()
     cursor = 0
 
@@ -208,6 +210,6 @@ def read_note(path: str | Path) -> Note:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{p}: not a text file (expected UTF-8 .md, .txt or .ipynb)") from None
+        raise AttnlabInputError(f"{p}: not a text file (expected UTF-8 .md, .txt or .ipynb)") from None
     blocks = _read_ipynb(text, p) if p.suffix.lower() == ".ipynb" else _read_text(text)
     return Note(p, text, blocks)

@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Finding", "NotesReport", "Unchecked", "render_html", "render_json", "render_text"]
 
@@ -48,7 +49,7 @@ class NotesReport:
     def ok(self) -> bool:
         return not self.findings
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:  # a JSON object
         return {"file": self.path, "ok": self.ok, "findings": [asdict(f) for f in self.findings],
                 "notes": [{"line": ln, "text": t} for ln, t in self.notes],
                 "checked_lines": sorted(set(self.checked)),

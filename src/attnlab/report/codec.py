@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError
+
 __all__ = ["decimals_of", "decode", "decode_bits", "encode", "encode_bits", "quantise"]
 
 _DECIMALS = 4
@@ -114,7 +116,7 @@ def decode(blob: dict[str, Any], size: int, skip: Any = None) -> np.ndarray:
     if "fill" in blob:
         hidden = np.asarray(skip, dtype=bool).reshape(-1)
         if hidden.size != size:
-            raise ValueError(f"a blob with 'fill' needs its mask of {size} cells, got {hidden.size}")
+            raise AttnlabInputError(f"a blob with 'fill' needs its mask of {size} cells, got {hidden.size}")
         out = np.full(size, float(blob["fill"]))
         rest = {k: v for k, v in blob.items() if k != "fill"}
         out[~hidden] = decode(rest, int((~hidden).sum()))
@@ -143,7 +145,7 @@ def decode(blob: dict[str, Any], size: int, skip: Any = None) -> np.ndarray:
         k += 1
         value = shift = 0
     if k != size:
-        raise ValueError(f"blob holds {k} values, expected {size}")
+        raise AttnlabInputError(f"blob holds {k} values, expected {size}")
     return out
 
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
+from attnlab.explain.kinds import hover_lines, kind_of, module_template
 from attnlab.maps import (
     CMAP,
     MASK_REASONS,
@@ -90,6 +92,7 @@ def _step_data(walk: Walkthrough, step: Step, hover: bool) -> dict[str, Any]:
         "kind": how.kind if how is not None else "",
         "operands": [o for o in how.operands if o in walk] if how is not None else [],
         "params": _params(how.params) if how is not None else {},
+        "template": kind_of(step).hover_template(walk, step),  # the page writes hover text from it
         "axes": axes,
         "labels": labels,
         "shape": list(values.shape),
@@ -99,6 +102,8 @@ def _step_data(walk: Walkthrough, step: Step, hover: bool) -> dict[str, Any]:
         "head_axis": head_axis(step),
         "one_row": step.values.ndim == 1,
     }
+    if kind_of(step).spelled_out:  # a followed token's row is written out number by number
+        data["spell_out"] = True
     if data["map"]:
         finite = values[np.isfinite(values)]
         masked = masked_cells(walk, step)
@@ -130,10 +135,7 @@ def _params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def _cell_lines(walk: Walkthrough, step: Step, index: tuple[int, ...]) -> list[str]:
     try:
-        lines = walk.explain_cell(step.id, index)
-        if step.how is not None and step.how.kind == "module" and step.formula:
-            lines = [*lines, f"  where {step.formula}"]
-        return lines
+        return hover_lines(walk, step, index)
     except (KeyError, IndexError, ValueError, TypeError) as exc:  # a recorded step explain cannot spell out
         return [f"{step.symbol} = {float(step.values[index]):.4f} ({step.formula}; {exc})"]
 
@@ -150,7 +152,7 @@ def _initial_head(head: int | None, n_heads: int) -> int:
     if head is None:
         return 0
     if isinstance(head, bool) or not isinstance(head, (int, np.integer)) or not 1 <= head <= n_heads:
-        raise ValueError(f"head must be a 1-based head number from 1 to {n_heads}, got {head!r}")
+        raise AttnlabInputError(f"head must be a 1-based head number from 1 to {n_heads}, got {head!r}")
     return int(head) - 1
 
 
@@ -178,7 +180,7 @@ def report_data(walk: Walkthrough, *, hover: bool | None = None, head: int | Non
             "head": _initial_head(head, len(head_labels)) if head_labels else 0,
         })
     if head is not None and not any(sec["heads"] for sec in sections):
-        raise ValueError("head applies to a walkthrough with multi-head attention (section multihead)")
+        raise AttnlabInputError("head applies to a walkthrough with multi-head attention (section multihead)")
     settings_text = getattr(walk, "settings_text", None) or (
         f"d_in = {s.d_in}, d_out = {s.d_out}, heads = {s.heads}, dropout = {s.dropout:g}, seed = {s.seed}, "
         f"scores {'scaled by 1/√d_k' if s.scale else 'not scaled'}, embeddings: {s.embeddings}, "
@@ -231,12 +233,12 @@ def _numbers_1based(name: str, value: int | Sequence[int] | None, size: int) -> 
     try:
         chosen = list(items)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{name} must be a 1-based number or a list of them, got {value!r}") from None
+        raise AttnlabInputTypeError(f"{name} must be a 1-based number or a list of them, got {value!r}") from None
     for v in chosen:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= size:
-            raise ValueError(f"{name} must be from 1 to {size} (1-based), got {v!r}")
+            raise AttnlabInputError(f"{name} must be from 1 to {size} (1-based), got {v!r}")
     if not chosen:
-        raise ValueError(f"{name} must name at least one of 1..{size}, got an empty list")
+        raise AttnlabInputError(f"{name} must name at least one of 1..{size}, got an empty list")
     return sorted({int(v) for v in chosen})
 
 
@@ -256,11 +258,11 @@ def model_report_data(
                  0-based int index (default the first word after [CLS])
     """
     from attnlab.explain.inputs import unique_labels
-    from attnlab.explain.model import _resolve_model_query
+    from attnlab.explain.model import resolve_model_query
 
     weights = np.asarray(maps.weights, dtype=np.float32)  # (L, H, T, T)
     if weights.ndim != 4 or weights.shape[-1] != weights.shape[-2]:
-        raise ValueError(f"maps.weights must be (layers, heads, T, T), got shape {weights.shape}")
+        raise AttnlabInputError(f"maps.weights must be (layers, heads, T, T), got shape {weights.shape}")
     n_layers, n_heads, t, _ = weights.shape
     model = model or getattr(maps, "model", None) or "all-MiniLM-L6-v2"
     hidden = getattr(maps, "masked", None)  # (L, T, T) bool: cells the model's mask hid (a decoder's future)
@@ -268,9 +270,9 @@ def model_report_data(
     heads = _numbers_1based("head", head, n_heads)
     chosen = weights[np.ix_([i - 1 for i in layers], [h - 1 for h in heads])]  # (L', H', T, T)
     if not np.all(np.isfinite(chosen)):
-        raise ValueError("maps.weights has non-finite values: the attention weights must be finite")
+        raise AttnlabInputError("maps.weights has non-finite values: the attention weights must be finite")
     labels = list(unique_labels(maps.tokens))
-    qi = _resolve_model_query(query, tuple(maps.tokens), tuple(labels)) if query is not None else min(1, t - 1)
+    qi = resolve_model_query(query, tuple(maps.tokens), tuple(labels)) if query is not None else min(1, t - 1)
     step_id = "model.weights"
     formula = (f"weights = softmax(q_h @ k_hᵀ / √d_head) of one head of one layer of {model} "
                + ("(causal: a token sees itself and the tokens before it; grey cells are hidden by the mask)"
@@ -292,6 +294,7 @@ def model_report_data(
         "kind": "module",
         "operands": [],
         "params": {"module": f"{model} ({n_layers} layers of {n_heads} heads)"},
+        "template": module_template(f"{model} ({n_layers} layers of {n_heads} heads)", formula),
         "axes": ["layer", "head", "query", "key"],
         "labels": [[str(i) for i in layers], [str(h) for h in heads], labels, labels],
         "shape": shape,
@@ -356,13 +359,13 @@ def _data(obj: Walkthrough | AttentionMaps, hover: bool | None, select: dict[str
     if _is_walkthrough(obj):
         for name in ("layer", "query"):
             if select.get(name) is not None:
-                raise ValueError(f"{name} applies to a pretrained model's AttentionMaps; a walkthrough has "
+                raise AttnlabInputError(f"{name} applies to a pretrained model's AttentionMaps; a walkthrough has "
                                  f"its {'query' if name == 'query' else 'sections'} already (explain(..., "
                                  f"query=...))")
         return report_data(cast("Walkthrough", obj), hover=hover, head=select.get("head"))
     if _is_maps(obj):
         return model_report_data(cast("AttentionMaps", obj), **{k: v for k, v in select.items() if v is not None})
-    raise TypeError(f"render_html takes an attnlab.explain Walkthrough or attnlab.pretrained AttentionMaps, "
+    raise AttnlabInputTypeError(f"render_html takes an attnlab.explain Walkthrough or attnlab.pretrained AttentionMaps, "
                     f"got {type(obj).__name__}")
 
 
@@ -379,7 +382,7 @@ def render_html(walkthrough: Walkthrough | AttentionMaps, *, uid: str | None = N
     data = _data(walkthrough, hover, {"layer": layer, "head": head, "query": query})
     uid = uid or f"attnlab-{uuid.uuid4().hex[:12]}"
     if not uid.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"uid must be letters, digits, '-' and '_' only, got {uid!r}")
+        raise AttnlabInputError(f"uid must be letters, digits, '-' and '_' only, got {uid!r}")
     css = _asset("report.css").replace("#attnlab-root", f"#{uid}")
     js = _asset("report.js")
     sentence = html.escape(" ".join(data["tokens"][:40]) + (" …" if len(data["tokens"]) > 40 else ""))

@@ -4,8 +4,8 @@
  * the compact form of attnlab/report/codec.py (each value as the integer round(v * 10^dec), zigzag varint,
  * base64) and are decoded here on first use. Small maps are tables with their numbers in the cells; large
  * ones (many tokens) are drawn on <canvas>, with zoom, pan, hover and a keyboard cursor. Hover text and a
- * followed token's rows are written on demand from the recorded numbers (the arithmetic of one line, as
- * attnlab.explain.cells writes it), or taken from the library's own lines when the data carries them.
+ * followed token's rows are the library's own lines when the data carries them, else written on demand
+ * from each step's template (attnlab.explain.kinds) filled with the recorded numbers.
  * Everything is scoped to `root` (one report's container), so several reports can share a page.
  */
 function attnlabReport(root, data) {
@@ -215,9 +215,6 @@ function attnlabReport(root, data) {
     if (two === "token,dim") return pre + sym + "_" + row;
     return pre + sym + "[" + row + ", ·]";
   }
-  function rowNameOf(step, i) {  // a (token, dim) operand's row i by name, e.g. q_journey
-    return step.one_row ? rowName(step, [0]) : rowName(step, [i]);
-  }
   function vector(step, k0, n, limit) {  // n numbers from flat index k0, whole numbers if all are whole
     var q = vals(step), u = unit(step), whole = step.values.mode !== "f64" && step.values.dec > 0;
     for (var i = 0; i < n && whole; i++) whole = isFinite(q[k0 + i]) && q[k0 + i] % u === 0;
@@ -229,11 +226,6 @@ function attnlabReport(root, data) {
     });
     return "[" + out.join(", ") + "]" + (idx ? " (" + n + " numbers)" : "");
   }
-  function trimmedVector(step, k0, n) {
-    var out = [];
-    for (var i = 0; i < n; i++) out.push(trimmed(num(step, k0 + i)));
-    return "[" + out.join(", ") + "]";
-  }
   function largest(step, k0, n, colLabels, count) {  // "mat 0.5123, the 0.1202, ..." of one row
     var order = [];
     for (var i = 0; i < n; i++) if (!masked(step, k0 + i) && isFinite(vals(step)[k0 + i])) order.push(i);
@@ -242,97 +234,90 @@ function attnlabReport(root, data) {
   }
 
   // ---------------------------------------------------------------- "how this number is made"
-  function sumText(values) { return values.reduce(function (a, b) { return a + b; }, 0); }
-  function cellLine(step, index) {  // one step's line for one cell, written from the recorded numbers
-    var k = flat(step, index), name = cellName(step, index), shown = text(step, k), v = num(step, k);
+  // Each step carries its hover template, written by the library's one table of step kinds
+  // (attnlab.explain.kinds; its render_template is this code's Python twin): cases [test, lines]. The first
+  // case whose test holds for the cell is written, its {placeholders} filled from the recorded numbers.
+  // Nothing here knows what a step does: the words and the choice of numbers come with the data.
+  var PLACEHOLDER = /\{\{|\}\}|\{(?:([abc])\.)?([a-z]+)\}/g;
+  function sumOf(values) { return values.reduce(function (a, b) { return a + b; }, 0); }
+  function expOf(v) { return v === -Infinity ? 0 : Math.exp(v); }
+  function signedSum(texts) {
+    return texts.map(function (t, x) {
+      return x === 0 ? t : (t.charAt(0) === "-" ? " − " + t.slice(1) : " + " + t);
+    }).join("");
+  }
+  function shortVector(step, k0, n) {  // trimmed numbers, longer than 8 as [first 3, …, last] (n numbers)
+    var out = [];
+    for (var x = 0; x < n; x++) out.push(trimmed(num(step, k0 + x)));
+    if (n > 8) return "[" + out.slice(0, 3).concat(["…", out[n - 1]]).join(", ") + "] (" + n + " numbers)";
+    return "[" + out.join(", ") + "]";
+  }
+  function templateLines(step, index) {
+    var n = index.length, lead = index.slice(0, n - 2), j = index[n - 1];
+    var i = step.one_row ? data.query : index[n - 2];
     var ops = (step.operands || []).map(function (o) { return data.steps[o]; });
-    var n = index.length, i = index[n - 2], j = index[n - 1], p = step.params || {};
-    var cols = step.shape[n - 1], rowK = k - j, src = ops[0];
-    var qLabel = step.labels[n - 2][i], kLabel = step.labels[n - 1][j];
-    if (step.one_row) { i = data.query; qLabel = data.labels[data.query]; }
-    var row, x;
-    switch (step.kind) {
-      case "dot":
-        if (ops.length === 2) {
-          var a = ops[0], b = ops[1], d = a.shape[a.shape.length - 1];
-          var line = name + " = " + rowNameOf(a, i) + " · " + rowNameOf(b, j);
-          if (d <= 8) line += " = " + trimmedVector(a, (a.one_row ? 0 : i) * d, d) + " · " +
-            trimmedVector(b, (b.one_row ? 0 : j) * d, d);
-          return [line + " = " + shown];
-        }
-        break;
-      case "scale":
-        if (src) return [name + " = " + cellName(src, index) + " / " + (p.divisor_text || trimmed(p.divisor || 1)) +
-          " = " + trimmed(num(src, k)) + " / " + trimmed(p.divisor || 1) + " = " + shown];
-        break;
-      case "softmax": case "softmax_naive":
-        if (src) {
-          row = [];
-          for (x = 0; x < cols; x++) row.push(num(src, rowK + x));
-          var finite = row.filter(function (r) { return isFinite(r); });
-          if (finite.length && Math.max.apply(null, finite) > 80) {
-            return [name + " = exp(" + cellName(src, index) + ") / Σ_k exp(row k) = " + shown];
-          }
-          var exps = row.map(function (r) { return r === -Infinity ? 0 : Math.exp(r); });
-          var listed = cols <= 8 ? row.map(function (r) { return "exp(" + trimmed(r) + ")"; }).join(" + ")
-            : "Σ of " + cols + " exps";
-          return [name + " = exp(" + cellName(src, index) + ") / Σ_k exp(row k) = exp(" + trimmed(row[j]) +
-            ") / (" + listed + ") = " + trimmed(exps[j]) + " / " + trimmed(sumText(exps)) + " = " + shown];
-        }
-        break;
-      case "divide_by_sum": case "mask_after":
-        if (src) {
-          row = [];
-          for (x = 0; x < cols; x++) row.push(num(src, rowK + x));
-          return [name + " = " + cellName(src, index) + " / Σ_k " + src.symbol + "(·, k) = " + trimmed(row[j]) +
-            " / " + trimmed(sumText(row)) + " = " + shown];
-        }
-        break;
-      case "weighted_sum":
-        if (ops.length === 2) {
-          var w = ops[0], vv = ops[1], keys = w.shape[w.shape.length - 1], dimLabel = step.labels[n - 1][j];
-          var lead = step.one_row ? [] : index.slice(0, -2);
-          var wk0 = w.one_row ? 0 : flat(w, lead.concat([i, 0])), terms = [];
-          var sum = name + " = Σ_j " + w.symbol + "(" + qLabel + ", j) × " + vv.symbol + "_j[" + dimLabel + "]";
-          if (keys <= 16) {
-            for (x = 0; x < keys; x++) {
-              var t = trimmed(num(w, wk0 + x)) + "×" + factor(trimmed(num(vv, flat(vv, lead.concat([x, j])))));
-              terms.push(x === 0 ? t : (t.charAt(0) === "-" ? " − " + t.slice(1) : " + " + t));
-            }
-            sum += " = " + terms.join("");
-          }
-          return [sum + " = " + shown];
-        }
-        break;
-      case "mask":
-        return [name + " = " + shown + ": " + kLabel + " (position " + (j + 1) + ") is " +
-          (j <= i ? "at or before" : "after") + " " + qLabel + " (position " + (i + 1) + "), so " + qLabel +
-          (v ? " may attend " : " masked out ") + kLabel];
-      case "mask_zero":
-        if (ops.length === 2) return [name + " = " + cellName(ops[0], index) + " × mask = " + trimmed(num(ops[0], k)) +
-          " × " + trimmed(num(ops[1], k)) + " = " + shown];
-        break;
-      case "mask_before":
-        if (src) {
-          if (v === -Infinity) return [name + " = -inf: " + kLabel + " comes after " + qLabel +
-            ", so exp(-inf) = 0 gives it weight 0"];
-          return [name + " = " + cellName(src, index) + " = " + shown + " (kept)"];
-        }
-        break;
-      case "dropout":
-        if (src) {
-          var rate = +(p.p || 0), sv = num(src, k);
-          if (v === 0 && sv !== 0) return [name + " = 0: dropped (each weight is dropped with probability p = " + rate + ")"];
-          return [name + " = " + cellName(src, index) + " × 1/(1 − p) = " + trimmed(sv) + " × " +
-            trimmed(1 / (1 - rate)) + " = " + shown];
-        }
-        break;
-      case "module":
-        return [name + " = " + shown + ", computed by " + (p.module || "the module"), "  where " + step.formula];
-      case "input": case "weights":
-        return [name + " = " + shown + " (" + (p.source || step.kind) + ")"];
+    function source(name) { return name ? ops["abc".indexOf(name)] : step; }
+    function at(s) { return flat(s, index); }
+    function cols(s) { return s.shape[s.shape.length - 1]; }
+    function rowOf(s) {  // the numbers of s's row that holds this cell
+      var k0 = at(s) - j, out = [];
+      for (var x = 0; x < cols(s); x++) out.push(num(s, k0 + x));
+      return out;
     }
-    return [name + " = " + shown + " (" + step.formula + ")"];
+    function rowAt(s, r) { return s.one_row ? [0] : lead.slice(0, s.shape.length - 2).concat([r]); }
+    function test(atom) {
+      var negate = atom.charAt(0) === "!", name = negate ? atom.slice(1) : atom, dot = name.lastIndexOf(".");
+      var s = source(dot < 0 ? "" : name.slice(0, dot)), hit;
+      name = name.slice(dot + 1);
+      if (name === "inf") hit = num(s, at(s)) === -Infinity;
+      else if (name === "zero") hit = vals(s)[at(s)] === 0;
+      else if (name === "after") hit = j > i;
+      else if (name === "big") {
+        var finite = rowOf(s).filter(function (v) { return isFinite(v); });
+        hit = finite.length > 0 && Math.max.apply(null, finite) > 80;
+      } else hit = cols(s) <= +name.split("<=")[1];
+      return hit !== negate;
+    }
+    function terms() {  // Σ_j a(i, j) × b(j, col), term by term
+      var a = ops[0], b = ops[1], texts = [];
+      var k0 = a.one_row ? 0 : flat(a, lead.slice(0, a.shape.length - 2).concat([i, 0]));
+      for (var x = 0; x < cols(a); x++) {
+        var bk = flat(b, lead.slice(0, b.shape.length - 2).concat([x, j]));
+        texts.push(trimmed(num(a, k0 + x)) + "×" + factor(trimmed(num(b, bk))));
+      }
+      return signedSum(texts);
+    }
+    var fields = {
+      cell: function (s) { return cellName(s, index); },
+      text: function (s) { return text(s, at(s)); },
+      num: function (s) { return trimmed(num(s, at(s))); },
+      exp: function (s) { return trimmed(expOf(num(s, at(s)))); },
+      q: function () { return step.one_row ? data.labels[data.query] : step.labels[n - 2][i]; },
+      k: function () { return step.labels[n - 1][j]; },
+      qpos: function () { return String(i + 1); },
+      kpos: function () { return String(j + 1); },
+      rowq: function (s) { return rowName(s, rowAt(s, i)); },
+      rowk: function (s) { return rowName(s, rowAt(s, j)); },
+      vecq: function (s) { return shortVector(s, flat(s, rowAt(s, i).concat([0])), cols(s)); },
+      veck: function (s) { return shortVector(s, flat(s, rowAt(s, j).concat([0])), cols(s)); },
+      sum: function (s) { return trimmed(sumOf(rowOf(s))); },
+      expsum: function (s) { return trimmed(sumOf(rowOf(s).map(expOf))); },
+      exps: function (s) {
+        if (cols(s) > 8) return "Σ of " + cols(s) + " exps";
+        return rowOf(s).map(function (v) { return "exp(" + trimmed(v) + ")"; }).join(" + ");
+      },
+      terms: terms
+    };
+    function fill(match, src, name) {
+      if (match === "{{" || match === "}}") return match.charAt(0);
+      return fields[name](source(src));
+    }
+    var cases = step.template || [];
+    for (var c = 0; c < cases.length; c++) {
+      var atoms = cases[c][0].split("&").filter(function (x) { return x; });
+      if (atoms.every(test)) return cases[c][1].map(function (line) { return line.replace(PLACEHOLDER, fill); });
+    }
+    return [cellName(step, index) + " = " + text(step, flat(step, index))];
   }
   function hoverLines(step, index) {
     var k = flat(step, index), chain = [], s = step, seen = 0;
@@ -340,7 +325,7 @@ function attnlabReport(root, data) {
     var lines = [];
     chain.forEach(function (c) {
       if (data.hover && c.hover) lines = lines.concat(c.hover[k]);
-      else lines = lines.concat(cellLine(c, index));
+      else lines = lines.concat(templateLines(c, index));
     });
     var n = index.length, cols = step.shape[n - 1];
     if (step.map && cols > 8 && !step.one_row) {
@@ -884,8 +869,8 @@ function attnlabReport(root, data) {
         var index = lead.concat([t]), k0 = flat(step, index.concat([0]));
         lines.push(rowName(step, index) + " = " + vector(step, k0, cols, LIMIT));
         if (step.map && cols > 8) lines.push("  most to: " + largest(step, k0, cols, step.labels[n - 1], 3));
-        if (step.kind === "weighted_sum" && cols <= 8) {
-          for (var d = 0; d < cols; d++) lines.push("  " + cellLine(step, index.concat([d]))[0]);
+        if (step.spell_out && cols <= 8) {
+          for (var d = 0; d < cols; d++) lines.push("  " + templateLines(step, index.concat([d]))[0]);
         }
       });
       if (lines.length) items.push({ step: step, lines: lines });

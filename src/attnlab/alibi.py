@@ -1,0 +1,64 @@
+"""ALiBi: attention with linear biases (Press, Smith & Lewis, 2022), as a positional scheme.
+
+ALiBi adds no position embedding and rotates nothing: each head ``h`` adds ``-m_h * |i - j|`` to the
+score of query position ``i`` and key position ``j``, a penalty that grows with the distance, with a
+fixed slope ``m_h`` per head (for H a power of two, ``m_h = 2 ** (-8 h / H)``, h = 1..H: 1/2, 1/4, ...,
+1/256 for 8 heads; otherwise BLOOM's interleaving, see :func:`alibi_slopes`). Under a causal mask
+``|i - j| = i - j``, the paper's bias.
+
+It plugs into the positional hook of :class:`~attnlab.modules.MultiHeadAttention`:
+``MultiHeadAttention(..., rope="alibi")`` (or ``rope=ALiBi(num_heads)``). A scheme rotates queries and
+keys when called and, when it has a ``score_bias(query_positions, key_positions)`` method, adds that to
+the scores (see :mod:`attnlab.rope`). The bias is a float mask, so it runs on every backend that reads
+one (``"eager"``, ``"torch"``, ``"auto"``); the flash kernel takes none and is refused with that
+reason (:data:`attnlab.backends.TAKES`).
+
+Shape letters: B batch, H query heads, T_q / T_k query / key tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from attnlab.errors import AttnlabInputError
+
+__all__ = ["ALiBi", "alibi_slopes"]
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The ALiBi slope of each head, float64 (H,): ``2 ** (-8 h / n)`` for h = 1..n with n the largest power
+    of two <= H; for the remaining H - n heads, the odd-numbered slopes of 2n heads (BLOOM's rule)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise AttnlabInputError(f"num_heads must be a positive int, got {num_heads!r}")
+    n = 1 << (num_heads.bit_length() - 1)  # the largest power of two <= H
+    slopes = [2.0 ** (-8.0 * h / n) for h in range(1, n + 1)]
+    extra = [2.0 ** (-8.0 * h / (2 * n)) for h in range(1, 2 * (num_heads - n), 2)]
+    return torch.tensor(slopes + extra, dtype=torch.float64)  # (H,)
+
+
+class ALiBi(nn.Module):
+    """Linear biases per head: ``score_bias(query_positions, key_positions)`` is ``-m_h * |i - j|``,
+    float32 (1|B, H, T_q, T_k); calling it leaves queries and keys as they are. No parameters, no saved
+    buffers: adding it leaves a ``state_dict`` unchanged."""
+
+    slopes: Tensor
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.register_buffer("slopes", alibi_slopes(num_heads).float(), persistent=False)  # (H,)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}"
+
+    def forward(self, queries: Tensor, keys: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return queries, keys  # ALiBi rotates nothing: its positions enter through score_bias
+
+    def score_bias(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """query_positions (T_q,) or (B, T_q), key_positions (T_k,) or (B, T_k) -> (1|B, H, T_q, T_k)."""
+        q = query_positions.reshape(-1, 1, query_positions.shape[-1], 1)  # (1|B, 1, T_q, 1)
+        k = key_positions.reshape(-1, 1, 1, key_positions.shape[-1])  # (1|B, 1, 1, T_k)
+        distance = (q - k).abs().to(torch.float32)  # (1|B, 1, T_q, T_k)
+        slopes = self.slopes.to(distance.device)[None, :, None, None]  # (1, H, 1, 1)
+        return -slopes * distance  # (1|B, H, T_q, T_k)

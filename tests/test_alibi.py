@@ -1,0 +1,154 @@
+"""ALiBi through the positional hook: slopes as the paper and BLOOM define them, the module equal to a
+float64 reference (outputs and gradients) on every backend that reads a score bias, decoding with a cache
+equal to the full forward, and clear refusals where a bias has no meaning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnlab import backends
+from attnlab.alibi import ALiBi, alibi_slopes
+from attnlab.errors import AttnlabInputError
+from attnlab.modules import MultiHeadAttention
+from attnlab.rope import SCHEMES, make_positional, register_scheme
+from tolerances import assert_close
+
+D_IN, D_OUT, HEADS = 12, 24, 6
+
+
+def test_slopes_are_the_papers_for_a_power_of_two():
+    for h in (1, 2, 8, 16):
+        want = torch.tensor([2.0 ** (-8.0 * i / h) for i in range(1, h + 1)], dtype=torch.float64)
+        assert torch.equal(alibi_slopes(h), want)  # exact: the same powers of two
+    assert alibi_slopes(8).tolist() == [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
+
+
+@pytest.mark.parametrize("heads", [1, 3, 5, 6, 12, 97])
+def test_slopes_equal_blooms(heads):
+    bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+    t = 4
+    alibi = bloom.build_alibi_tensor(torch.ones(1, t, dtype=torch.long), heads, torch.float64)  # (H, 1, T)
+    # BLOOM's bias is slope * position (softmax cannot tell it from -slope * (i - j) under a causal mask).
+    assert_close(alibi_slopes(heads), alibi[:, 0, 1], dtype=torch.float32, n=1)  # BLOOM computes in float32
+    assert_close(alibi[:, 0, 3] - alibi[:, 0, 1], 2 * alibi_slopes(heads), dtype=torch.float32, n=2)
+
+
+def test_score_bias_is_minus_slope_times_distance():
+    alibi = ALiBi(4)
+    q_pos, k_pos = torch.tensor([[0, 5, 9]]), torch.tensor([[0, 1, 2, 3, 9]])
+    got = alibi.score_bias(q_pos, k_pos)  # (1, 4, 3, 5)
+    slopes = alibi_slopes(4)
+    want = torch.empty(1, 4, 3, 5, dtype=torch.float64)
+    for h in range(4):
+        for i, qi in enumerate(q_pos[0].tolist()):
+            for j, kj in enumerate(k_pos[0].tolist()):
+                want[0, h, i, j] = -float(slopes[h]) * abs(qi - kj)
+    assert got.shape == (1, 4, 3, 5) and got.dtype == torch.float32
+    assert_close(got, want, dtype=torch.float32, n=1)
+
+
+def _reference(m: MultiHeadAttention, x: torch.Tensor, *, causal: bool = True, window: int | None = None) -> torch.Tensor:
+    """The module's function in float64 from its weights: projections, -m_h |i - j| added, masked softmax."""
+    xd = x.double()
+    w = {name: getattr(m, name).weight.double() for name in ("W_query", "W_key", "W_value", "out_proj")}
+    b, t, _ = x.shape
+    hd = m.head_dim
+    q = (xd @ w["W_query"].T).view(b, t, m.num_heads, hd).transpose(1, 2)  # (B, H, T, hd)
+    k = (xd @ w["W_key"].T).view(b, t, m.num_kv_groups, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+    v = (xd @ w["W_value"].T).view(b, t, m.num_kv_groups, hd).transpose(1, 2)  # (B, H_kv, T, hd)
+    groups = m.num_heads // m.num_kv_groups
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, T, hd)
+    pos = torch.arange(t, dtype=torch.float64)
+    distance = (pos[:, None] - pos[None, :]).abs()  # (T, T)
+    bias = -alibi_slopes(m.num_heads)[:, None, None] * distance  # (H, T, T)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + bias  # (B, H, T, T)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    allowed = torch.ones(t, t, dtype=torch.bool)
+    if causal:
+        allowed &= j <= i
+    if window is not None:
+        allowed &= j > i - window
+    scores = scores.masked_fill(~allowed, -math.inf)
+    ctx = torch.softmax(scores, dim=-1) @ v  # (B, H, T, hd)
+    out = ctx.transpose(1, 2).reshape(b, t, m.inner_dim) @ w["out_proj"].T  # (B, T, d_out)
+    return out + m.out_proj.bias.double()
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch", "auto"])
+@pytest.mark.parametrize("t", [1, 3, 97])
+@pytest.mark.parametrize("options", [{}, {"num_kv_groups": 2}, {"causal": False}, {"window_size": 5}])
+def test_module_with_alibi_equals_the_float64_reference(backend, t, options):
+    torch.manual_seed(t)
+    m = MultiHeadAttention(D_IN, D_OUT, 128, 0.0, HEADS, rope="alibi", backend=backend, **options)
+    x = torch.randn(2, t, D_IN, requires_grad=True)
+    out = m(x)
+    want = _reference(m, x.detach(), causal=options.get("causal", True), window=options.get("window_size"))
+    n = D_IN + D_OUT // HEADS + t + D_OUT
+    assert_close(out, want, dtype=torch.float32, n=n, scale=float(want.abs().max()) + t)
+    # gradients: against autograd through the float64 reference
+    go = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, go)
+    x64 = x.detach().double().requires_grad_(True)
+    m64 = MultiHeadAttention(D_IN, D_OUT, 128, 0.0, HEADS, rope="alibi", backend="eager", **options).double()
+    m64.load_state_dict(m.state_dict())
+    (want_grad,) = torch.autograd.grad(m64(x64), x64, go.double())
+    assert_close(grad, want_grad, dtype=torch.float32, n=2 * n, scale=float(want_grad.abs().max()) + t)
+
+
+def test_alibi_differs_from_no_positions():
+    torch.manual_seed(0)
+    plain = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS)
+    alibi = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi")
+    alibi.load_state_dict(plain.state_dict())  # the same state_dict: ALiBi saves nothing
+    assert list(alibi.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1, 6, D_IN)
+    assert (alibi(x) - plain(x)).abs().max() > 1e-3  # the bias changes the function
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_decoding_with_a_cache_equals_the_full_forward(rolling):
+    torch.manual_seed(1)
+    window = 4 if rolling else None
+    m = MultiHeadAttention(D_IN, D_OUT, 64, 0.0, HEADS, rope="alibi", num_kv_groups=3, window_size=window).eval()
+    x = torch.randn(2, 11, D_IN)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.new_cache(2, 16, rolling=rolling)
+        steps = [m(x[:, :5], cache=cache)] + [m(x[:, i:i + 1], cache=cache) for i in range(5, 11)]
+    got = torch.cat(steps, dim=1)  # (B, T, d_out)
+    assert_close(got, full, dtype=torch.float32, n=D_IN + D_OUT + 11)
+
+
+def test_refusals_name_the_reason():
+    with pytest.raises(ValueError, match="score bias .*backend='flash' takes none"):
+        MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi", backend="flash")
+    with pytest.raises(ValueError, match="context_parallel takes no score bias"):
+        MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi",
+                           context_parallel=type("CP", (), {"attention": len, "positions": len})())
+    with pytest.raises(AttnlabInputError, match=r"a scheme's name, one of \['alibi', 'rope'\]"):
+        MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="nope")
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="flash backend takes no score bias"):
+        backends.attention(q, q, q, bias=torch.zeros(1, 2, 3, 3), backend="flash")
+    assert not backends.TAKES["flash"].general_masks and backends.TAKES["torch"].general_masks
+
+
+def test_registration_adds_a_scheme_by_name():
+    calls = []
+
+    def factory(head_dim, num_heads, base):
+        calls.append((head_dim, num_heads, base))
+        return ALiBi(num_heads)
+
+    register_scheme("alibi_test", factory)
+    try:
+        m = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi_test", rope_base=500.0)
+        assert calls == [(D_OUT // HEADS, HEADS, 500.0)] and isinstance(m.rope, ALiBi)
+        with pytest.raises(ValueError, match="already registered"):
+            register_scheme("alibi_test", factory)
+    finally:
+        SCHEMES.pop("alibi_test")
+    assert isinstance(make_positional(True, head_dim=4, num_heads=2, base=10.0), torch.nn.Module)
