@@ -152,3 +152,48 @@ def test_registration_adds_a_scheme_by_name():
     finally:
         SCHEMES.pop("alibi_test")
     assert isinstance(make_positional(True, head_dim=4, num_heads=2, base=10.0), torch.nn.Module)
+
+
+def test_alibi_with_padding_a_float_mask_and_documents_equals_the_reference():
+    torch.manual_seed(5)
+    t = 9
+    m = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi", causal=False)
+    x = torch.randn(2, t, D_IN)
+    pad = torch.zeros(2, t, dtype=torch.bool)
+    pad[1, :3] = True
+    float_mask = torch.randn(t, t)
+    docs = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4], list(range(9))])  # restart in each document
+    for backend in ("eager", "torch", "auto"):
+        m.backend = backend
+        got = m(x, key_padding_mask=pad, attn_mask=float_mask, document_ids=docs)
+        # the reference: the plain module (no positions) handed the ALiBi bias as part of its float mask
+        plain = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, causal=False, backend="eager")
+        plain.load_state_dict(m.state_dict())
+        bias = ALiBi(HEADS).score_bias(positions, positions) + float_mask  # (B, H, T, T)
+        want = plain(x, key_padding_mask=pad, attn_mask=bias, document_ids=docs)
+        assert_close(got, want, n=D_IN + D_OUT + t, msg=backend)
+
+
+def test_slopes_stay_float32_when_the_module_changes_dtype():
+    m = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi").to(torch.bfloat16)
+    assert m.rope.slopes.dtype == torch.float32
+    assert torch.equal(m.rope.slopes, alibi_slopes(HEADS).float())  # exact: the same float32 rounding
+
+
+def test_attend_refuses_what_context_parallel_cannot_carry():
+    from attnlab.masks import MaskSpec
+    from attnlab.modules import attend
+
+    class CP:
+        def attention(self, q, k, v, *, causal, key_padding_mask, scale=None):
+            return q
+
+    q = torch.randn(1, 2, 3, 4)
+    for mask, extra in ((MaskSpec(window=2), {}), (MaskSpec(allowed=torch.ones(3, 3, dtype=torch.bool)), {}),
+                        (MaskSpec(causal=True), {"bias": torch.zeros(3, 3)}),
+                        (MaskSpec(causal=True), {"scheme": ALiBi(2)})):
+        with pytest.raises(ValueError, match="context_parallel takes causal and key padding only"):
+            attend(q, q, q, mask, context_parallel=CP(), **extra)
+    out, weights = attend(q, q, q, MaskSpec(causal=True), context_parallel=CP())
+    assert out is q and weights is None

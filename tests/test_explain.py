@@ -492,3 +492,11 @@ def test_text_and_markdown_renderers(book):
 def test_precision_changes_the_shown_decimals(book):
     assert "0.95 " in to_text(book, precision=2, width=100)
     assert math.isclose(float(book.step("simple.scores").values[0]), 0.9544, abs_tol=abs_tol(torch.float32, 3))  # exact in decimal
+
+
+def test_tokens_of_the_wrong_type_are_an_input_error():
+    import attnlab
+    from attnlab.errors import AttnlabInputTypeError
+
+    with pytest.raises(AttnlabInputTypeError, match=r"tokens must be a str .* got int \(5\)"):
+        attnlab.explain(tokens=5)

@@ -71,7 +71,16 @@ def test_dense_is_the_rule_pair_by_pair(t_q, t_k):
 def test_and_composes_parts():
     b, t = 2, 9
     specs = _specs(b, t, t)
-    for a, c in itertools.product(specs[:6], repeat=2):
+    for a, c in itertools.product(specs, repeat=2):
+        mixed = [s for s in (a, c) if s.query_positions is None and s.is_causal] and [
+            s for s in (a, c) if s.query_positions is not None]
+        shared_parts = [name for name in ("document_ids", "query_positions")
+                        if getattr(a, name) is not None and getattr(c, name) is not None
+                        and getattr(a, name) is not getattr(c, name)]
+        if mixed or shared_parts:  # causal by index AND causal by position: refused, not guessed
+            with pytest.raises(ValueError, match="cannot AND|both give"):
+                _ = a & c
+            continue
         both = a & c
         da, dc, dboth = (s.dense(t, t) for s in (a, c, both))
         full = torch.ones(b, 1, t, t, dtype=torch.bool)
@@ -125,3 +134,30 @@ def test_the_cache_step_is_a_description():
     spec = step_spec(q_pos, k_pos, pad, window=3)
     assert torch.equal(step_mask(q_pos, k_pos, pad, window=3), spec.dense(2, 7))  # exact: booleans
     assert torch.equal(spec.dense(2, 7)[:, 0], _pairwise(spec, 2, 2, 7))  # exact: booleans
+
+
+def test_index_and_position_alignment_are_not_mixed():
+    by_index = MaskSpec(causal=True)
+    by_position = MaskSpec(query_positions=torch.tensor([5, 6, 7]), key_positions=torch.tensor([0, 1, 2]))
+    for a, c in ((by_index, by_position), (by_position, by_index)):
+        with pytest.raises(ValueError, match="cannot AND a causal/window part aligned by index"):
+            _ = a & c
+    with pytest.raises(ValueError, match="cannot AND"):
+        MaskSpec.describe(by_position, causal=True)
+    both = MaskSpec(causal=True, query_positions=by_position.query_positions,
+                    key_positions=by_position.key_positions) & MaskSpec(key_padding=torch.zeros(1, 3, dtype=torch.bool))
+    assert torch.equal(both.dense(3, 3)[0, 0], torch.ones(3, 3, dtype=torch.bool))  # exact: booleans (keys 0..2 <= 5)
+
+
+def test_a_plain_layer_compiles_without_warnings():
+    import warnings
+
+    from attnlab.modules import MultiHeadAttention
+
+    m = MultiHeadAttention(8, 8, 16, 0.0, 2).eval()
+    x = torch.randn(2, 5, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(m, backend="eager", fullgraph=True)(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+    assert_close(got, m(x), n=5 + 8)

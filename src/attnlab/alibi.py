@@ -18,6 +18,8 @@ Shape letters: B batch, H query heads, T_q / T_k query / key tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -48,6 +50,13 @@ class ALiBi(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.register_buffer("slopes", alibi_slopes(num_heads).float(), persistent=False)  # (H,)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ALiBi:
+        """``.to()``, ``.cuda()``, ``.half()``: follow the device, keep the slopes in float32 (a bfloat16 copy
+        would round the slopes that are not powers of two, as BLOOM avoids too)."""
+        super()._apply(fn, recurse)
+        self.slopes = alibi_slopes(self.num_heads).to(device=self.slopes.device, dtype=torch.float32)
+        return self
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

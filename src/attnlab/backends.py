@@ -25,9 +25,9 @@ dense mask (causal/window stay flags when aligned by index), ``flash`` its tile 
 what each backend reads, and ``auto`` never picks a backend that cannot take the call.
 
 Packed sequences: ``document_ids=`` (integer, (B, T) or (T,), ``T_q == T_k``, B = ``q.shape[0]``) lets a
-query attend only the keys of its own document. It is one description converted at the edge: ``flash``
-passes it to its kernel (which skips the tiles of other documents); every other backend gets the dense
-bool mask ``doc_q == doc_k`` (:func:`attnlab.masks.document_mask`) AND'ed with ``mask``.
+query attend only the keys of its own document. It is a part of the call's description: ``flash`` passes
+it to its kernel (which skips the tiles of other documents); every other backend gets it in the one dense
+mask of :meth:`attnlab.masks.MaskSpec.dense` (``doc_q == doc_k`` AND the rest; -inf in a float mask).
 
 ``return_lse=True`` also returns the natural-log log-sum-exp of each query row's masked, scaled scores
 (FlashAttention's convention: shape (..., H, T_q), i.e. ``out.shape[:-1]``; ``-inf`` for a row with no
@@ -63,7 +63,7 @@ from attnlab import functional as F
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import MaskSpec, index_mask
 
-__all__ = ["AttentionFn", "BACKENDS", "TAKES", "Takes", "attention", "register", "unregister", "resolve"]
+__all__ = ["AttentionFn", "BACKENDS", "TAKES", "Takes", "takes", "attention", "register", "unregister", "resolve"]
 
 AttentionFn = Callable[..., Tensor]
 
@@ -192,10 +192,10 @@ def _flash_with_lse(
         raise AttnlabInputError(
             f"the flash backend takes no score bias (a float mask or a positional bias such as ALiBi; got one "
             f"of shape {tuple(bias.shape)}): use backend='eager', 'torch' or 'auto' ({_TAKES_NOTE})")
-    if spec.query_positions is not None or spec.key_document_ids is not None:
+    if spec.query_positions is not None:
         raise AttnlabInputError(
-            "the flash backend aligns causal/window by index and takes no query/key positions or separate key "
-            f"document ids: put the keys in position order (see CacheStep.ordered), or use backend='eager', "
+            "the flash backend aligns causal/window by index and takes no query/key positions: put the keys in "
+            f"position order (see CacheStep.ordered), or use backend='eager', "
             f"'torch' or 'auto' ({_TAKES_NOTE})")
     padding = spec.key_padding
     if spec.allowed is not None:
@@ -273,6 +273,19 @@ TAKES: dict[str, Takes] = {
 _TAKES_NOTE = "attnlab.backends.TAKES lists what each backend takes"
 
 
+def takes(backend: str) -> Takes:
+    """What ``backend`` reads (:data:`TAKES`; a registered backend takes what ``"torch"`` takes)."""
+    return TAKES.get(backend, _REGISTERED)
+
+
+_REGISTERED = Takes()
+
+
+def _taking(what: str) -> str:
+    """The backends that take ``what``, for a message: ``'eager'`` (or ``'a' or 'b'``)."""
+    return " or ".join(repr(name) for name, t in TAKES.items() if getattr(t, what))
+
+
 def register(name: str, fn: AttentionFn, *, replace: bool = False) -> None:
     """Add a backend: ``fn(q, k, v, *, mask, causal, window, scale, dropout_p, training) -> out``, with
     q (B, H, T_q, d_k), k (B, H_kv, T_k, d_k), v (B, H_kv, T_k, d_v) and out (B, H, T_q, d_v); mask bool
@@ -322,9 +335,9 @@ def resolve(
     if backend not in BACKENDS and backend != "auto":
         raise AttnlabInputError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
     if need_weights:
-        if backend not in ("auto", "eager"):
-            raise AttnlabInputError(f"need_weights=True needs backend='eager' or 'auto', got {backend!r}")
-        return "eager"
+        if backend != "auto" and not takes(backend).weights:
+            raise AttnlabInputError(f"need_weights=True needs backend={_taking('weights')} or 'auto', got {backend!r}")
+        return "eager"  # the weights come from the eager reference (the one backend that takes them)
     if backend != "auto":
         return backend
     if device is None:
@@ -408,9 +421,10 @@ def _softcap_backend(backend: str, softcap: object, return_lse: bool) -> str:
     """The backend for a call with ``softcap``: "eager" (also for "auto"); a clear error otherwise."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 < softcap < float("inf"):
         raise AttnlabInputError(f"softcap must be None or a positive finite float, got {softcap!r}")
-    if backend not in ("auto", "eager") or return_lse:
-        raise AttnlabInputError(f"softcap (score capping, softcap * tanh(score / softcap)) is computed by backend='eager' "
-                         f"only (and 'auto', which picks it), without return_lse; got backend={backend!r}"
+    if (backend != "auto" and not takes(backend).softcap) or return_lse:
+        raise AttnlabInputError(f"softcap (score capping, softcap * tanh(score / softcap)) is computed by backend="
+                                f"{_taking('softcap')} only (and 'auto', which picks it), without return_lse; got "
+                                f"backend={backend!r}"
                          + (", return_lse=True" if return_lse else ""))
     return "eager"
 

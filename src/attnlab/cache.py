@@ -105,8 +105,9 @@ class CacheStep:
     slots, every row's keys are its tokens in position order with no padding, and the mask is exactly
     causal (bottom-right) among the T new tokens: ``spec`` is ``MaskSpec(causal=T > 1)``, no tensor, which
     is what attention is handed. ``mask``, ``key_positions`` and ``key_padding`` are then views of the
-    cache's bookkeeping made (the mask built) only when read: read them before the cache changes again,
-    as ``keys``.
+    cache's bookkeeping made (the mask built) only when read. Of every step, ``spec`` and ``mask`` read
+    the cache's bookkeeping (``key_positions``, ``key_padding``) when used, as ``keys`` and ``values`` are
+    the cache's buffers: read them before the cache changes again (attention does, in the same call).
     """
 
     keys: Tensor
@@ -334,7 +335,8 @@ class _SlotCache(nn.Module):
             attn_mask = attn_mask[None]  # (1, T, T)
         if attn_mask.dim() != 3 or attn_mask.shape[1:] != (t, t) or attn_mask.shape[0] not in (1, self.batch_size):
             raise AttnlabInputError(f"with a cache, attn_mask says how the {t} new tokens see each other: shape (T, T) or "
-                             f"(batch, T, T) = ({self.batch_size}, {t}, {t}), got {tuple(attn_mask.shape)}")
+                             f"(batch, T, T) = ({self.batch_size}, {t}, {t}) (or (batch, 1, T, T)), got "
+                             f"{tuple(attn_mask.shape)}")
         return attn_mask[:, None]  # (B|1, 1, T, T)
 
     def _check_room(self, t: int) -> None:

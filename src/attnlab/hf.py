@@ -96,11 +96,13 @@ def _transformers() -> Any:
 
 @dataclass(frozen=True, eq=False)
 class AttentionMask:
-    """Which keys each query may attend, as attnlab's parts (they compose by AND), never a T_q x T_k matrix.
+    """What the mask builder hands HF: attnlab's mask description (:attr:`spec`, a
+    :class:`attnlab.masks.MaskSpec`) with the sizes HF reads off a mask (``shape``), never a T_q x T_k matrix.
 
     causal        query i sees key j only if j <= i + (T_k - T_q) (bottom-right aligned, as HF's cache is)
     window        None or w >= 1 (with causal): also j > i + (T_k - T_q) - w
-    key_padding   None or bool (B, T_k), True = may attend (HF's 2-D attention_mask, cut to this layer's keys)
+    key_padding   None or bool (B, T_k), True = padding (the keys HF's 2-D attention_mask hides, cut to this
+                  layer's keys), as :class:`attnlab.masks.MaskSpec` and ``key_padding_mask`` say it
     document_ids  None or int64 (B, T) with T = T_q = T_k: packed sequences, a token sees its own document only
     """
 
@@ -119,9 +121,9 @@ class AttentionMask:
 
     @functools.cached_property
     def spec(self) -> MaskSpec:
-        """The same description in attnlab's terms (:class:`attnlab.masks.MaskSpec`; key padding True = padding)."""
+        """The description itself, as every backend receives it."""
         return MaskSpec(causal=self.causal, window=self.window, document_ids=self.document_ids,
-                        key_padding=None if self.key_padding is None else ~self.key_padding)
+                        key_padding=self.key_padding)
 
     def dense(self, device: torch.device | str | None = None) -> Tensor:
         """The same mask as a bool (B, 1, T_q, T_k) tensor, True = may attend (for checks and pictures)."""
@@ -215,8 +217,8 @@ def mask_builder(
     key_padding = None
     if padding is not None:
         padding = mu.prepare_padding_mask(padding.to(device=device, dtype=torch.bool), kv_length, kv_offset)
-        key_padding = padding[:, kv_offset:kv_offset + kv_length].expand(batch_size, kv_length)  # (B, T_k)
-        if not torch.compiler.is_compiling() and bool(key_padding.all()):
+        key_padding = ~padding[:, kv_offset:kv_offset + kv_length].expand(batch_size, kv_length)  # (B, T_k)
+        if not torch.compiler.is_compiling() and not bool(key_padding.any()):
             key_padding = None  # nothing is padding: the kernels need no mask at all
     docs = parts["documents"]
     if docs is not None:

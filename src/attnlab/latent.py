@@ -22,7 +22,7 @@ from attnlab import backends
 from attnlab.cache import KVCache
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import MaskSpec
-from attnlab.modules import _check_dropout, _check_heads, _check_positive_int, _check_x, attend_cached
+from attnlab.modules import attend_cached, check_dropout, check_heads, check_positive_int, check_x
 
 __all__ = ["MultiHeadLatentAttention"]
 
@@ -61,11 +61,11 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("d_in", d_in), ("d_out", d_out), ("context_length", context_length)):
-            _check_positive_int(name, value)
-        _check_dropout(dropout)
-        _check_heads(d_out, num_heads)
+            check_positive_int(name, value)
+        check_dropout(dropout)
+        check_heads(d_out, num_heads)
         latent_dim = max(16, d_out // 8) if latent_dim is None else latent_dim
-        _check_positive_int("latent_dim", latent_dim)
+        check_positive_int("latent_dim", latent_dim)
         backends.resolve(backend)  # validates the name
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.num_heads, self.head_dim, self.latent_dim = num_heads, d_out // num_heads, latent_dim
@@ -105,7 +105,7 @@ class MultiHeadLatentAttention(nn.Module):
         cache: KVCache | None = None,
         position_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_query.weight.dtype)
+        check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_query.weight.dtype)
         b, num_tokens, _ = x.shape
         queries = self._heads(self.W_query(x))  # (B, H, T, hd)
         latent = self.W_DKV(x)  # (B, T, L)

@@ -9,15 +9,14 @@ and :func:`padding_mask` turns it into this convention.) Masks combine with :fun
 The package's one mask *description* is :class:`MaskSpec` (causal with its alignment, window, document
 ids, key padding, an explicit bool mask; composed by AND): ``MultiHeadAttention``, the caches, the
 context-parallel ranks and every backend receive it, and each backend converts it once -- ``eager`` /
-``torch`` to one dense bool mask (:meth:`MaskSpec.dense`, built from the functions here), ``flash`` to its
-tile plan. The index-aligned causal / window part is :func:`index_mask`, the one builder of it.
+``torch`` to one dense bool mask (:meth:`MaskSpec.dense`: the index-aligned causal / window part from
+:func:`index_mask`, the other parts compared where they are), ``flash`` to its tile plan.
 
 Shape letters: B batch, H heads, T_q query length, T_k key length.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -179,8 +178,6 @@ class MaskSpec:
                        given together with query_positions;
     document_ids       None, or integer (T,) / (B, T) with T = T_q = T_k: a query sees its own document only
                        (packed sequences);
-    key_document_ids   None, or integer (T_k,) / (B, T_k): the keys' ids when they differ from the
-                       queries' (a block of a longer sequence, as ring attention computes);
     key_padding        None, or bool (B, T_k), **True = padding** (as ``key_padding_mask``): nobody sees it;
     allowed            None, or an explicit bool mask broadcastable to (B, H, T_q, T_k), True = may attend.
 
@@ -194,13 +191,12 @@ class MaskSpec:
     query_positions: Tensor | None = None
     key_positions: Tensor | None = None
     document_ids: Tensor | None = None
-    key_document_ids: Tensor | None = None
     key_padding: Tensor | None = None
     allowed: Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.query_positions is None and self.key_positions is None and self.document_ids is None
-                and self.key_document_ids is None and self.key_padding is None and self.allowed is None
+                and self.key_padding is None and self.allowed is None
                 and (self.causal is True or self.causal is False)
                 and (self.window is None or (type(self.window) is int and self.window >= 1))):
             return  # flags only, valid: the checks below say what is wrong otherwise
@@ -212,7 +208,7 @@ class MaskSpec:
         if (self.query_positions is None) != (self.key_positions is None):
             raise AttnlabInputError("query_positions and key_positions are given together (the causal part compares "
                                     "them), got only one")
-        for name in ("query_positions", "key_positions", "document_ids", "key_document_ids"):
+        for name in ("query_positions", "key_positions", "document_ids"):
             ids = getattr(self, name)
             if ids is not None and not isinstance(ids, Tensor):
                 raise AttnlabInputTypeError(f"{name} must be an integer torch.Tensor, got {type(ids).__name__}")
@@ -246,6 +242,11 @@ class MaskSpec:
     def __and__(self, other: MaskSpec) -> MaskSpec:
         if not isinstance(other, MaskSpec):
             return NotImplemented
+        for by_index, by_position in ((self, other), (other, self)):
+            if by_index.query_positions is None and by_position.query_positions is not None and by_index.is_causal:
+                raise AttnlabInputError(
+                    "cannot AND a causal/window part aligned by index with one aligned by query/key positions: give "
+                    "the causal/window flags to the description that carries the positions")
         window = min((w for w in (self.window, other.window) if w is not None), default=None)
         pad = self.key_padding if other.key_padding is None else (
             other.key_padding if self.key_padding is None else self.key_padding | other.key_padding)
@@ -254,7 +255,6 @@ class MaskSpec:
             query_positions=_one("query_positions", self.query_positions, other.query_positions),
             key_positions=_one("key_positions", self.key_positions, other.key_positions),
             document_ids=_one("document_ids", self.document_ids, other.document_ids),
-            key_document_ids=_one("key_document_ids", self.key_document_ids, other.key_document_ids),
             key_padding=pad, allowed=and_masks(self.allowed, other.allowed),
         )
 
@@ -276,8 +276,8 @@ class MaskSpec:
                 by_position = by_position & (k > q - self.window)  # (..., T_q, T_k)
             out = and_masks(out, by_position)
         if self.document_ids is not None:
-            doc_k = self.document_ids if self.key_document_ids is None else self.key_document_ids
-            same = _batch_first(self.document_ids, lead)[..., :, None] == _batch_first(doc_k, lead)[..., None, :]
+            docs = _batch_first(self.document_ids, lead)  # (B|1, 1, ..., T)
+            same = docs[..., :, None] == docs[..., None, :]
             out = and_masks(out, same)  # (B|1, 1, ..., T_q, T_k)
         if self.key_padding is not None:
             out = and_masks(out, ~_batch_first(self.key_padding, lead)[..., None, :])  # (B, 1, ..., 1, T_k)
@@ -325,8 +325,12 @@ def _batch_first(t: Tensor, lead: int) -> Tensor:
     return t.reshape((t.shape[0],) + (1,) * (lead - 1) + (t.shape[-1],))  # (B, 1, ..., T)
 
 
-@functools.lru_cache(maxsize=64)
 def flags_spec(causal: bool, window: int | None) -> MaskSpec:
-    """The (shared, immutable) description of causal / window alone: what a layer hands over on every call
-    that gives no mask tensors (built once per setting, not once per call)."""
+    """The description of causal / window alone: what a layer hands over on every call that gives no mask
+    tensors (the window-less ones are shared constants, not built per call)."""
+    if window is None and (causal is True or causal is False):
+        return _FLAGS_ONLY[causal]
     return MaskSpec(causal=causal, window=window)
+
+
+_FLAGS_ONLY = {False: MaskSpec(), True: MaskSpec(causal=True)}

@@ -50,18 +50,18 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value: object) -> None:
+def check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AttnlabInputError(f"{name} must be a positive int, got {value!r}")
 
 
-def _check_dropout(dropout: object) -> None:
+def check_dropout(dropout: object) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise AttnlabInputError(f"dropout must be a float in [0, 1), got {dropout!r}")
 
 
-def _check_heads(d_out: int, num_heads: int) -> None:
-    _check_positive_int("num_heads", num_heads)
+def check_heads(d_out: int, num_heads: int) -> None:
+    check_positive_int("num_heads", num_heads)
     if d_out % num_heads != 0:
         raise AttnlabInputError(
             f"d_out must be divisible by num_heads, got d_out={d_out} and num_heads={num_heads} "
@@ -78,7 +78,7 @@ def _autocast_takes(x: Tensor, dtype: torch.dtype) -> bool:
     return x.dtype in _AUTOCAST_DTYPES and dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(x.device.type)
 
 
-def _check_x(
+def check_x(
     x: Tensor, d_in: int, ranks: tuple[int, ...], context_length: int | None = None, *, dtype: torch.dtype
 ) -> None:
     if not isinstance(x, Tensor):
@@ -116,15 +116,15 @@ class SelfAttention_v1(nn.Module):
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
-        _check_positive_int("d_in", d_in)
-        _check_positive_int("d_out", d_out)
+        check_positive_int("d_in", d_in)
+        check_positive_int("d_out", d_out)
         self.d_in, self.d_out = d_in, d_out
         self.W_query = nn.Parameter(torch.rand(d_in, d_out))
         self.W_key = nn.Parameter(torch.rand(d_in, d_out))
         self.W_value = nn.Parameter(torch.rand(d_in, d_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (2, 3), dtype=self.W_key.dtype)
+        check_x(x, self.d_in, (2, 3), dtype=self.W_key.dtype)
         keys = x @ self.W_key  # (..., T, d_out)
         queries = x @ self.W_query  # (..., T, d_out)
         values = x @ self.W_value  # (..., T, d_out)
@@ -140,15 +140,15 @@ class SelfAttention_v2(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False) -> None:
         super().__init__()
-        _check_positive_int("d_in", d_in)
-        _check_positive_int("d_out", d_out)
+        check_positive_int("d_in", d_in)
+        check_positive_int("d_out", d_out)
         self.d_in, self.d_out = d_in, d_out
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (2, 3), dtype=self.W_key.weight.dtype)
+        check_x(x, self.d_in, (2, 3), dtype=self.W_key.weight.dtype)
         keys = self.W_key(x)  # (..., T, d_out)
         queries = self.W_query(x)  # (..., T, d_out)
         values = self.W_value(x)  # (..., T, d_out)
@@ -174,8 +174,8 @@ class CausalAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("d_in", d_in), ("d_out", d_out), ("context_length", context_length)):
-            _check_positive_int(name, value)
-        _check_dropout(dropout)
+            check_positive_int(name, value)
+        check_dropout(dropout)
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -185,7 +185,7 @@ class CausalAttention(nn.Module):
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
+        check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
         num_tokens = x.shape[1]
         keys = self.W_key(x)  # (B, T, d_out)
         queries = self.W_query(x)  # (B, T, d_out)
@@ -219,7 +219,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         qkv_bias: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive_int("num_heads", num_heads)
+        check_positive_int("num_heads", num_heads)
         self.heads = nn.ModuleList(
             [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)]
         )
@@ -355,13 +355,13 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("d_in", d_in), ("d_out", d_out), ("context_length", context_length)):
-            _check_positive_int(name, value)
-        _check_dropout(dropout)
+            check_positive_int(name, value)
+        check_dropout(dropout)
         if head_dim is None:
-            _check_heads(d_out, num_heads)
+            check_heads(d_out, num_heads)
         else:
-            _check_positive_int("num_heads", num_heads)
-            _check_positive_int("head_dim", head_dim)
+            check_positive_int("num_heads", num_heads)
+            check_positive_int("head_dim", head_dim)
         if not isinstance(out_bias, bool):
             raise AttnlabInputTypeError(f"out_bias must be a bool, got {type(out_bias).__name__} ({out_bias!r})")
         if qk_norm is not None and (isinstance(qk_norm, bool) or not isinstance(qk_norm, (int, float))
@@ -454,23 +454,23 @@ class MultiHeadAttention(nn.Module):
         if key_padding_mask is None and attn_mask is None and document_ids is None:
             return flags_spec(self.causal, self.window_size), None  # no tensors: causal / window alone
         b, t = x.shape[0], x.shape[1]
-        if key_padding_mask is not None and cache is None:  # (a cache checks its new tokens' padding itself)
+        if key_padding_mask is not None:
             if not isinstance(key_padding_mask, Tensor):
                 raise AttnlabInputTypeError(
                     f"key_padding_mask must be a bool tensor, got {type(key_padding_mask).__name__}")
             if key_padding_mask.dtype != torch.bool:
                 raise AttnlabInputTypeError("key_padding_mask must be a bool tensor (True = padding), got dtype "
                                             f"{key_padding_mask.dtype}")
-            if tuple(key_padding_mask.shape) != (b, t_k):
-                raise AttnlabInputError(f"key_padding_mask must have shape (batch, num_tokens) = {(b, t_k)}, "
-                                        f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask is not None and cache is None and tuple(key_padding_mask.shape) != (b, t_k):
+            raise AttnlabInputError(f"key_padding_mask must have shape (batch, num_tokens) = {(b, t_k)}, "
+                                    f"got {tuple(key_padding_mask.shape)}")
         bias = None
         if attn_mask is not None and cache is not None:
             attn_mask = cache.check_attn_mask(attn_mask, t)  # bool (B|1, 1, T, T), among the new tokens
         elif attn_mask is not None:
             if isinstance(attn_mask, Tensor) and attn_mask.dim() > 4:
                 raise AttnlabInputError(f"attn_mask must have shape (T, T), (batch, T, T) or (batch, num_heads, T, "
-                                        f"T), got {tuple(attn_mask.shape)}")
+                                    f"T), got {tuple(attn_mask.shape)}")
             if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
                 attn_mask = attn_mask[:, None]  # (B, 1, T, T)
             F.check_mask(attn_mask, t, t_k, name="attn_mask", batch_shape=(b, self.num_heads))
@@ -479,7 +479,7 @@ class MultiHeadAttention(nn.Module):
         if document_ids is not None:
             document_ids = document_ids.to(x.device)  # (T,) or (B, T)
         return MaskSpec(causal=self.causal, window=self.window_size, key_padding=key_padding_mask,
-                        allowed=attn_mask, document_ids=document_ids), bias
+                    allowed=attn_mask, document_ids=document_ids), bias
 
     def forward(
         self,
@@ -493,7 +493,7 @@ class MultiHeadAttention(nn.Module):
         position_ids: Tensor | None = None,
         document_ids: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
+        check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_key.weight.dtype)
         self._check_forward_options(x, context, attn_mask, need_weights, cache, position_ids, document_ids)
         b, num_tokens, _ = x.shape
         source = x if context is None else context  # where keys and values come from
@@ -563,7 +563,7 @@ class MultiHeadAttention(nn.Module):
                                  "causal=True")
             if document_ids is not None:
                 raise AttnlabInputError("a cache takes no document_ids: each batch row decodes one sequence")
-            if attn_mask is not None and self.backend == "flash":
+            if attn_mask is not None and not backends.takes(self.backend).general_masks:
                 raise AttnlabInputError("with a cache, attn_mask needs a backend that reads a general mask: the flash "
                                  "kernel takes none; use backend='auto', 'torch' or 'eager'")
             if isinstance(cache, RollingKVCache) and (self.window_size is None or self.window_size > cache.window_size):
@@ -644,26 +644,31 @@ def attend(
     """The one attention call of a layer: q (B, H, T, hd), k, v (B, H_kv, T_k, hd) and the call's mask
     description -> (out (B, H, T, hd), weights (B, H, T, T_k) or None).
 
-    With ``context_parallel``, this rank's shard attends the whole sequence through it; with a ``cache``,
-    the new keys/values are written into it and the new queries attend its slots (at ``position_ids``,
-    default: after each row's cached tokens; trimmed to the filled slots when the cache allows, unless
-    the weights over all slots are asked for); else :func:`attnlab.backends.attention`. A positional
-    ``scheme`` with a ``score_bias`` (ALiBi) adds it for the queries at ``positions`` and the keys as
-    attended (the cache's slots)."""
+    With ``context_parallel``, this rank's shard attends the whole sequence through it (causal and this
+    rank's key padding: the parts the ranks share; anything else is refused). With a ``cache``, the new
+    keys/values are written into it and the new queries attend its slots (at ``position_ids``, default:
+    after each row's cached tokens; trimmed to the filled slots when the cache allows, unless the weights
+    over all slots are asked for): ``mask.key_padding`` and ``mask.allowed`` are then the *new* tokens'
+    (B, T) and (B|1, 1, T, T), and the cache's step description is the call's. Else
+    :func:`attnlab.backends.attention`. ``bias`` (float, added to the scores) and a positional ``scheme``
+    with a ``score_bias`` (ALiBi) add up; the scheme's is taken for the queries at ``positions`` (default
+    0..T-1) and the keys as attended (the cache's slots)."""
     score_bias = score_bias_of(scheme)
     if context_parallel is not None:
-        # The context-parallel protocol: causal and this rank's key padding (the other parts are refused
-        # when the module is built or called: window, attn_mask, document_ids, a score bias).
+        _check_context_parallel_call(mask, bias, score_bias)
         return context_parallel.attention(  # type: ignore[attr-defined]
             queries, keys, values, causal=mask.is_causal, key_padding_mask=mask.key_padding, scale=None), None
     if cache is not None:
         step = cache.update(keys, values, mask.key_padding, window=mask.window, positions=position_ids,
                             attn_mask=mask.allowed, trim=not need_weights)
         if score_bias is not None:
-            bias = score_bias(step.positions, step.key_positions)  # (1|B, H, T, S)
+            positional = score_bias(step.positions, step.key_positions)  # (1|B, H, T, S)
+            bias = positional if bias is None else bias + positional
         return _as_pair(attend_cached(queries, step, window=mask.window, dropout_p=dropout_p, training=training,
                                       backend=backend, need_weights=need_weights, bias=bias))
-    if score_bias is not None and positions is not None:
+    if score_bias is not None:
+        if positions is None:
+            positions = torch.arange(queries.shape[-2], device=queries.device)  # (T,)
         positional = score_bias(positions, positions)  # (1|B, H, T, T): self-attention
         bias = positional if bias is None else bias + positional
     if bias is None and not mask.has_tensors:  # causal / window alone: the flags they are
@@ -672,6 +677,15 @@ def attend(
                                            need_weights=need_weights))
     return _as_pair(backends.attention(queries, keys, values, mask=mask, bias=bias, dropout_p=dropout_p,
                                        training=training, backend=backend, need_weights=need_weights))
+
+
+def _check_context_parallel_call(mask: MaskSpec, bias: Tensor | None, score_bias: object) -> None:
+    """The context-parallel protocol carries causal and key padding only: refuse a call that has more."""
+    extra = [name for name in ("window", "query_positions", "document_ids", "allowed") if getattr(mask, name) is not None]
+    extra += ["a score bias"] if bias is not None or score_bias is not None else []
+    if extra:
+        raise AttnlabInputError(f"context_parallel takes causal and key padding only; this call also has "
+                                f"{', '.join(extra)}, which the ranks do not share")
 
 
 def _as_pair(result: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -722,7 +736,7 @@ def _check_scheme(scheme: object, backend: str, context_parallel: object | None)
     parallelism (whose ranks exchange no bias)."""
     if score_bias_of(scheme) is None:
         return
-    if not backends.TAKES.get(backend, backends.Takes()).general_masks:
+    if not backends.takes(backend).general_masks:
         raise AttnlabInputError(f"a positional scheme with a score bias ({type(scheme).__name__}) needs a backend that "
                                 f"reads a float mask; backend={backend!r} takes none: use 'auto', 'torch' or 'eager' "
                                 "(attnlab.backends.TAKES lists what each backend takes)")

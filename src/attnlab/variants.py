@@ -56,10 +56,10 @@ from attnlab.masks import causal_mask
 from attnlab.modules import (
     CausalAttention,
     MultiHeadAttention,
-    _check_dropout,
-    _check_heads,
-    _check_positive_int,
-    _check_x,
+    check_dropout,
+    check_heads,
+    check_positive_int,
+    check_x,
 )
 
 if TYPE_CHECKING:  # imported where used: some torch builds lack FlexAttention
@@ -124,9 +124,9 @@ def variant_names() -> list[str]:
 
 def _check_args(d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int) -> None:
     for name, value in (("d_in", d_in), ("d_out", d_out), ("context_length", context_length)):
-        _check_positive_int(name, value)
-    _check_dropout(dropout)
-    _check_heads(d_out, num_heads)
+        check_positive_int(name, value)
+    check_dropout(dropout)
+    check_heads(d_out, num_heads)
 
 
 def _split_heads(t: Tensor, num_heads: int) -> Tensor:
@@ -229,7 +229,7 @@ class _FusedQKV(_Variant):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.qkv.weight.dtype)
+        check_x(x, self.d_in, (3,), self.context_length, dtype=self.qkv.weight.dtype)
         b, num_tokens, _ = x.shape
         qkv = self.qkv(x)  # (B, T, 3 * d_out)
         qkv = qkv.view(b, num_tokens, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
@@ -304,7 +304,7 @@ class EinsumMHA(_Variant):
                 nn.init.uniform_(bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_query.dtype)
+        check_x(x, self.d_in, (3,), self.context_length, dtype=self.W_query.dtype)
         num_tokens = x.shape[1]
         queries = torch.einsum("btd,de->bte", x, self.W_query)  # (B, T, d_out)
         keys = torch.einsum("btd,de->bte", x, self.W_key)  # (B, T, d_out)
@@ -405,7 +405,7 @@ class TorchMHA(_Variant):
         self.register_buffer("mask", future, persistent=False)  # (T_max, T_max), True = masked (torch's)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_x(x, self.d_in, (3,), self.context_length, dtype=self.attn.out_proj.weight.dtype)
+        check_x(x, self.d_in, (3,), self.context_length, dtype=self.attn.out_proj.weight.dtype)
         num_tokens = x.shape[1]
         out, _ = self.attn(
             x, x, x, attn_mask=self.mask[:num_tokens, :num_tokens], need_weights=self.need_weights

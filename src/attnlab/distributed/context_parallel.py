@@ -198,7 +198,7 @@ def _sharded_parts(mask: MaskSpec, causal: bool, key_padding_mask: torch.Tensor 
     """A mask description of this rank's shard as the ranks' parts: (causal, key padding, document ids)."""
     if not isinstance(mask, MaskSpec):
         raise AttnlabInputTypeError(f"mask must be an attnlab.masks.MaskSpec or None, got {type(mask).__name__}")
-    extra = [name for name in ("window", "query_positions", "key_document_ids", "allowed") if getattr(mask, name) is not None]
+    extra = [name for name in ("window", "query_positions", "allowed") if getattr(mask, name) is not None]
     if extra:
         raise AttnlabInputError(f"context parallelism takes causal, key_padding and document_ids of a mask description; "
                                 f"{', '.join(extra)} have no sharded form here")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from attnlab.distributed import comm
 from attnlab.distributed.layout import Layout
-from attnlab.distributed.ring import _check_inputs, resolve_layout, ring_attention
+from attnlab.distributed.ring import check_inputs, resolve_layout, ring_attention
 from attnlab.distributed.ulysses import Attended, ulysses_attention
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 
@@ -111,7 +111,7 @@ def hybrid_attention(
     """
     if not isinstance(mesh, Mesh):
         raise AttnlabInputTypeError(f"mesh must be an attnlab.distributed.Mesh (see make_mesh), got {type(mesh).__name__}")
-    _check_inputs(q, k, v, key_padding_mask, document_ids)
+    check_inputs(q, k, v, key_padding_mask, document_ids)
     t_pad = q.shape[-2] * mesh.ring * mesh.ulysses
     full = _full(seq_len, q, mesh)
     order = resolve_layout(layout, bool(causal), t_pad if full is None else full, t_pad, "hybrid_attention")

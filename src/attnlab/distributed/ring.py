@@ -274,7 +274,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                   document_ids: torch.Tensor | None = None) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -396,7 +396,7 @@ def ring_attention(
     """
     group, rank, world = comm.resolve_group(group)
     try:  # this rank's own checks: a refusal is told to the other ranks (comm.refuse), never a hang
-        _check_inputs(q, k, v, key_padding_mask, document_ids)
+        check_inputs(q, k, v, key_padding_mask, document_ids)
         b, h, t_l, d = q.shape
         t_pad = t_l * world
         seq_len = t_pad if seq_len is None else seq_len

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from attnlab import backends
 from attnlab.distributed import comm
-from attnlab.distributed.ring import _check_inputs, gather_docs, gather_masks
+from attnlab.distributed.ring import check_inputs, gather_docs, gather_masks
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import padding_mask
 
@@ -142,7 +142,7 @@ def ulysses_attention(
     """
     group, _rank, world = comm.resolve_group(group)
     try:  # this rank's own checks: a refusal is told to the other ranks (comm.refuse), never a hang
-        _check_inputs(q, k, v, key_padding_mask, document_ids)
+        check_inputs(q, k, v, key_padding_mask, document_ids)
         if not isinstance(return_lse, bool):
             raise AttnlabInputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
         b, h, t_l, d = q.shape

@@ -38,6 +38,7 @@ from attnlab import functional as F
 from attnlab.book import BOOK_TOKENS, book_inputs
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.explain.inputs import WEIGHT_NAMES, load_weights, parse_tokens, to_matrix, unique_labels
+from attnlab.explain.kinds import kind_of
 from attnlab.explain.modern import MODERN_DEFAULTS, add_modern_details, build_modern, modern_options
 from attnlab.explain.steps import (
     SECTIONS,
@@ -236,7 +237,7 @@ def _check_finite(step: Step, earlier: list[Step], inputs: Mapping[str, float]) 
     """Finite input must give finite numbers: ValueError naming the step and the cause otherwise. The only
     infinities allowed are the -inf of masked scores (``mask_before``)."""
     bad = ~np.isfinite(step.values)
-    if step.how is not None and step.how.kind in ("mask_before", "attn_scores"):
+    if step.how is not None and kind_of(step).holds_neg_inf:
         bad &= ~np.isneginf(step.values)
     if not bad.any():
         return

@@ -53,6 +53,9 @@ def parse_tokens(text: str | Sequence[str], *, what: str = "--tokens") -> tuple[
     characters (zero-width spaces and the like, which ``str.split`` keeps) is a ValueError."""
     if isinstance(text, str):
         tokens = tuple(text.split())
+    elif not isinstance(text, Sequence):
+        raise AttnlabInputTypeError(f"{what} must be a str of whitespace-separated tokens or a sequence of str, "
+                                    f"got {type(text).__name__} ({text!r})")
     else:
         tokens = tuple(str(t) for t in text)
         if any(not t.strip() or any(c.isspace() for c in t) for t in tokens):

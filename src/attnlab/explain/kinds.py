@@ -120,6 +120,7 @@ class StepKind:
     drawn         a random draw: with no operands its numbers are taken as recorded, never re-rounded
     spelled_out   the report writes each number of a followed token's row out (a short row)
     adds_formula  the hover text ends with the step's formula (``where ...``)
+    holds_neg_inf its masked cells hold -inf (the one infinity finite input may give: masked scores)
     """
 
     name: str
@@ -135,6 +136,7 @@ class StepKind:
     drawn: bool = False
     spelled_out: bool = False
     adds_formula: bool = False
+    holds_neg_inf: bool = False
 
     def masked_words(self, reason: str) -> str:
         """What a masked cell of this kind holds, for the pictures' legends."""
@@ -681,7 +683,7 @@ KINDS: dict[str, StepKind] = {k.name: k for k in (
     StepKind("scaled_dot", "q_i · k_j / √d_head of a pretrained head", _working_scaled_dot,
              template=_template_scaled_dot),
     StepKind("attn_scores", "q · k / √hd per head, -inf where masked", _working_attn_scores,
-             template=_template_attn_scores, masked_holds=_NEG_INF),
+             template=_template_attn_scores, masked_holds=_NEG_INF, holds_neg_inf=True),
     StepKind("scale", "scores ÷ a divisor", _working_scale,
              lambda walk, s, ops: scale(ops[0], _param(s, "divisor", 1.0)), _template_scale, cellwise=True),
     StepKind("divide_by_sum", "each row over its sum", _working_by_sum, lambda walk, s, ops: by_sum(ops[0]),
@@ -704,7 +706,7 @@ KINDS: dict[str, StepKind] = {k.name: k for k in (
              _template_by_sum, cellwise=True),
     StepKind("mask_before", "masked scores set to -inf before the softmax", _working_mask_before,
              lambda walk, s, ops: mask_fill(ops[0], ops[1].mid), _template_mask_before, cellwise=True,
-             masked_holds=_NEG_INF),
+             masked_holds=_NEG_INF, holds_neg_inf=True),
     StepKind("dropout", "weights dropped with probability p, the rest × 1/(1 − p)", _working_dropout,
              _recompute_dropout, _template_dropout, cellwise=True, drawn=True),
     StepKind("gqa_share", "1 where a query head reads a key/value head", _working_gqa_share),
