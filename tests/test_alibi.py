@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnlab import backends
-from attnlab.alibi import ALiBi, alibi_slopes
+from attnlab.alibi import ALiBi, ALiBiBias, alibi_slopes
 from attnlab.errors import AttnlabInputError
 from attnlab.modules import MultiHeadAttention
 from attnlab.rope import SCHEMES, make_positional, register_scheme
@@ -39,7 +39,7 @@ def test_slopes_equal_blooms(heads):
 def test_score_bias_is_minus_slope_times_distance():
     alibi = ALiBi(4)
     q_pos, k_pos = torch.tensor([[0, 5, 9]]), torch.tensor([[0, 1, 2, 3, 9]])
-    got = alibi.score_bias(q_pos, k_pos)  # (1, 4, 3, 5)
+    got = alibi.score_bias(q_pos, k_pos).dense(3, 5)  # (1, 4, 3, 5)
     slopes = alibi_slopes(4)
     want = torch.empty(1, 4, 3, 5, dtype=torch.float64)
     for h in range(4):
@@ -77,7 +77,7 @@ def _reference(m: MultiHeadAttention, x: torch.Tensor, *, causal: bool = True, w
     return out + m.out_proj.bias.double()
 
 
-@pytest.mark.parametrize("backend", ["eager", "torch", "auto"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "auto", "flash"])
 @pytest.mark.parametrize("t", [1, 3, 97])
 @pytest.mark.parametrize("options", [{}, {"num_kv_groups": 2}, {"causal": False}, {"window_size": 5}])
 def test_module_with_alibi_equals_the_float64_reference(backend, t, options):
@@ -108,11 +108,13 @@ def test_alibi_differs_from_no_positions():
     assert (alibi(x) - plain(x)).abs().max() > 1e-3  # the bias changes the function
 
 
+@pytest.mark.parametrize("backend", ["auto", "flash"])
 @pytest.mark.parametrize("rolling", [False, True])
-def test_decoding_with_a_cache_equals_the_full_forward(rolling):
+def test_decoding_with_a_cache_equals_the_full_forward(rolling, backend):
     torch.manual_seed(1)
     window = 4 if rolling else None
-    m = MultiHeadAttention(D_IN, D_OUT, 64, 0.0, HEADS, rope="alibi", num_kv_groups=3, window_size=window).eval()
+    m = MultiHeadAttention(D_IN, D_OUT, 64, 0.0, HEADS, rope="alibi", num_kv_groups=3, window_size=window,
+                           backend=backend).eval()
     x = torch.randn(2, 11, D_IN)
     with torch.no_grad():
         full = m(x)
@@ -122,18 +124,30 @@ def test_decoding_with_a_cache_equals_the_full_forward(rolling):
     assert_close(got, full, dtype=torch.float32, n=D_IN + D_OUT + 11)
 
 
+class _DenseBias(torch.nn.Module):
+    """A scheme whose score bias is a plain tensor (no tile form)."""
+
+    def forward(self, queries, keys, positions):
+        return queries, keys
+
+    def score_bias(self, query_positions, key_positions):
+        return torch.zeros(query_positions.shape[-1], key_positions.shape[-1])
+
+
 def test_refusals_name_the_reason():
     with pytest.raises(ValueError, match="score bias .*backend='flash' takes none"):
-        MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi", backend="flash")
+        MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope=_DenseBias(), backend="flash")
+    MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi", backend="flash")  # ALiBi: per tile
     with pytest.raises(ValueError, match="context_parallel takes no score bias"):
         MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="alibi",
                            context_parallel=type("CP", (), {"attention": len, "positions": len})())
     with pytest.raises(AttnlabInputError, match=r"a scheme's name, one of \['alibi', 'rope'\]"):
         MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, rope="nope")
     q = torch.randn(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="flash backend takes no score bias"):
+    with pytest.raises(ValueError, match="flash backend takes no dense score bias"):
         backends.attention(q, q, q, bias=torch.zeros(1, 2, 3, 3), backend="flash")
     assert not backends.TAKES["flash"].general_masks and backends.TAKES["torch"].general_masks
+    assert backends.TAKES["flash"].linear_bias
 
 
 def test_registration_adds_a_scheme_by_name():
@@ -170,7 +184,7 @@ def test_alibi_with_padding_a_float_mask_and_documents_equals_the_reference():
         # the reference: the plain module (no positions) handed the ALiBi bias as part of its float mask
         plain = MultiHeadAttention(D_IN, D_OUT, 16, 0.0, HEADS, causal=False, backend="eager")
         plain.load_state_dict(m.state_dict())
-        bias = ALiBi(HEADS).score_bias(positions, positions) + float_mask  # (B, H, T, T)
+        bias = ALiBi(HEADS).score_bias(positions, positions).dense(t, t) + float_mask  # (B, H, T, T)
         want = plain(x, key_padding_mask=pad, attn_mask=bias, document_ids=docs)
         assert_close(got, want, n=D_IN + D_OUT + t, msg=backend)
 
@@ -197,3 +211,43 @@ def test_attend_refuses_what_context_parallel_cannot_carry():
             attend(q, q, q, mask, context_parallel=CP(), **extra)
     out, weights = attend(q, q, q, MaskSpec(causal=True), context_parallel=CP())
     assert out is q and weights is None
+
+
+@pytest.mark.parametrize("t_q,t_k", [(0, 0), (1, 1), (3, 3), (1, 97), (97, 97), (97, 257), (257, 97)])
+@pytest.mark.parametrize("parts", [{"causal": True}, {}, {"window": 5}])
+def test_flash_kernel_takes_alibi_per_tile(t_q, t_k, parts):
+    """flash_attention(alibi_slopes=) equals the float64 reference with the dense bias, out and gradients,
+    across tile boundaries (blocks of 16), with grouped heads."""
+    from attnlab import functional as F
+    from attnlab.flash import flash_attention
+
+    g = torch.Generator().manual_seed(t_q * 1000 + t_k)
+    q, k, v = (torch.randn(2, h, t, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+               for h, t in ((6, t_q), (3, t_k), (3, t_k)))
+    slopes = alibi_slopes(6)
+    out = flash_attention(q, k, v, alibi_slopes=slopes, block_q=16, block_k=16, **parts)
+    bias = ALiBiBias(slopes).dense(t_q, t_k).double()  # (1, H, T_q, T_k), bottom-right by index
+    want = F.scaled_dot_product_attention(q, k, v, mask=bias, **parts)
+    assert_close(out, want, dtype=torch.float64, n=t_k + 8, scale=1 + 0.5 * t_k)
+    if out.numel():
+        go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        for got, expected in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)):
+            assert_close(got, expected, dtype=torch.float64, n=2 * (t_k + 8), scale=1 + 0.5 * t_k)
+
+
+def test_flash_kernel_takes_alibi_positions_and_refuses_bad_ones():
+    from attnlab.flash import flash_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, t, 8, generator=g) for t in (3, 7, 7))
+    q_pos, k_pos = torch.tensor([[9, 10, 11], [4, 5, 6]]), torch.tensor([[0, 2, 4, 6, 8, 10, 11], [0, 1, 2, 3, 4, 5, 6]])
+    slopes = alibi_slopes(4)
+    got = flash_attention(q, k, v, alibi_slopes=slopes, alibi_positions=(q_pos, k_pos), block_q=2, block_k=2)
+    want = backends.attention(q, k, v, bias=ALiBiBias(slopes, q_pos, k_pos), backend="eager")
+    assert_close(got, want, n=7 + 8, scale=8.0)
+    with pytest.raises(ValueError, match=r"alibi_slopes must have shape \(4,\)"):
+        flash_attention(q, k, v, alibi_slopes=alibi_slopes(3))
+    with pytest.raises(ValueError, match="alibi_positions' key positions must have shape"):
+        flash_attention(q, k, v, alibi_slopes=slopes, alibi_positions=(q_pos, k_pos[:, :5]))
+    with pytest.raises(ValueError, match="give alibi_slopes too"):
+        flash_attention(q, k, v, alibi_positions=(q_pos, k_pos))

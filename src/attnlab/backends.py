@@ -60,10 +60,11 @@ import torch
 from torch import Tensor
 
 from attnlab import functional as F
+from attnlab.alibi import ALiBiBias
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import MaskSpec, index_mask
 
-__all__ = ["AttentionFn", "BACKENDS", "TAKES", "Takes", "takes", "attention", "register", "unregister", "resolve"]
+__all__ = ["AttentionFn", "BACKENDS", "TAKES", "Takes", "ScoreBias", "takes", "dense_bias", "attention", "register", "unregister", "resolve"]
 
 AttentionFn = Callable[..., Tensor]
 
@@ -180,18 +181,33 @@ def _flash(
     return _flash_with_lse(q, k, v, spec, bias, scale=scale, dropout_p=dropout_p, training=training)[0]
 
 
+ScoreBias = Tensor | ALiBiBias  # a float tensor added to the scores, or a description with a dense form
+
+
+def dense_bias(bias: ScoreBias | None, t_q: int, t_k: int, device: torch.device) -> Tensor | None:
+    """A score bias as the float tensor it stands for (a tensor is itself)."""
+    if bias is None or isinstance(bias, Tensor):
+        return bias
+    return bias.dense(t_q, t_k, device=device)  # (1|B, H, T_q, T_k)
+
+
 def _flash_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, bias: Tensor | None, *, scale: float | None,
+    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, bias: ScoreBias | None, *, scale: float | None,
     dropout_p: float, training: bool,
 ) -> tuple[Tensor, Tensor]:
     """The flash kernel's ``(out, lse)`` for a mask description: its parts go to the kernel as they are
     (it turns them into its tile plan and skips hidden tiles); what has no tile form is refused here."""
     from attnlab.flash import flash_attention
 
-    if bias is not None:
+    slopes, positions = None, None
+    if isinstance(bias, ALiBiBias):  # per tile, from its slopes and positions
+        slopes = bias.slopes.to(q.device)
+        if bias.query_positions is not None and bias.key_positions is not None:
+            positions = (bias.query_positions, bias.key_positions)
+    elif bias is not None:
         raise AttnlabInputError(
-            f"the flash backend takes no score bias (a float mask or a positional bias such as ALiBi; got one "
-            f"of shape {tuple(bias.shape)}): use backend='eager', 'torch' or 'auto' ({_TAKES_NOTE})")
+            f"the flash backend takes no dense score bias (a float mask; got one of shape {tuple(bias.shape)}), "
+            f"only ALiBi's slopes: use backend='eager', 'torch' or 'auto' ({_TAKES_NOTE})")
     if spec.query_positions is not None:
         raise AttnlabInputError(
             "the flash backend aligns causal/window by index and takes no query/key positions: put the keys in "
@@ -206,6 +222,7 @@ def _flash_with_lse(
     return cast(tuple[Tensor, Tensor], flash_attention(
         q, k, v, causal=causal, window=window, scale=scale, key_padding_mask=padding,
         dropout_p=dropout_p if training else 0.0, document_ids=spec.document_ids, return_lse=True,
+        alibi_slopes=slopes, alibi_positions=positions,
     ))  # (..., T_q, d_v), (..., T_q)
 
 
@@ -251,14 +268,16 @@ BACKENDS: dict[str, AttentionFn] = {
 class Takes:
     """What a backend reads besides q, k, v, causal, window and a key padding mask.
 
-    general_masks  any bool mask (T_q x T_k), query/key positions and a score bias (a float mask, ALiBi):
+    general_masks  any bool mask (T_q x T_k), query/key positions and a dense score bias (a float mask):
                    the mask description is handed over as one dense tensor (:meth:`MaskSpec.dense`);
                    False: only the parts that have a tile form (the flash kernel's tile plan);
+    linear_bias    ALiBi's bias (:class:`attnlab.alibi.ALiBiBias`): densely, or per tile from its slopes;
     weights        ``need_weights=True``;
     softcap        ``softcap=`` (a score mod).
     """
 
     general_masks: bool = True
+    linear_bias: bool = True
     weights: bool = False
     softcap: bool = False
 
@@ -446,7 +465,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: Literal[False] = False,
-    bias: Tensor | None = None,
+    bias: ScoreBias | None = None,
 ) -> Tensor: ...
 
 
@@ -467,7 +486,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: Literal[False] = False,
-    bias: Tensor | None = None,
+    bias: ScoreBias | None = None,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -488,7 +507,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: Literal[True],
-    bias: Tensor | None = None,
+    bias: ScoreBias | None = None,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -509,7 +528,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
-    bias: Tensor | None = None,
+    bias: ScoreBias | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
@@ -529,7 +548,7 @@ def attention(
     document_ids: Tensor | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
-    bias: Tensor | None = None,
+    bias: ScoreBias | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention through the chosen backend. q (B, H, T_q, d_k), k (B, H_kv, T_k, d_k),
     v (B, H_kv, T_k, d_v); any other leading layout that broadcasts works too, on every backend (e.g. K/V
@@ -539,8 +558,8 @@ def attention(
 
     mask: None; a bool tensor (True = may attend) or a float one (added to the scores), broadcastable to
     (..., T_q, T_k); or an :class:`attnlab.masks.MaskSpec`, the mask description (AND'ed with ``causal``,
-    ``window`` and ``document_ids``). bias: None or a float tensor added to the scores (a positional bias
-    such as ALiBi), broadcastable to (..., T_q, T_k).
+    ``window`` and ``document_ids``). bias: None, a float tensor added to the scores, broadcastable to
+    (..., T_q, T_k), or an :class:`attnlab.alibi.ALiBiBias` (ALiBi; ``flash`` computes it per tile).
 
     document_ids: None, or integer ids of the packed documents, shape (B, T) or (T,) with
     ``T = T_q = T_k`` and ``B = q.shape[0]``: a query attends only the keys of its own document (AND'ed
@@ -562,7 +581,8 @@ def attention(
         spec, float_mask = MaskSpec.describe(mask, causal=causal, window=window, document_ids=document_ids)
         if float_mask is not None:
             F.check_mask(float_mask, q.shape[-2], k.shape[-2])
-        bias = float_mask if bias is None else (bias if float_mask is None else float_mask + bias)
+            given = dense_bias(bias, q.shape[-2], k.shape[-2], q.device)
+            bias = float_mask if given is None else float_mask + given
     if name == "flash":
         F.check_qkv(q, k, v)
         if float_mask is not None:
@@ -571,7 +591,7 @@ def attention(
                                    dropout_p=dropout_p, training=training)
         return (out, lse) if return_lse else out
     if spec is not None:  # the description, converted once for a backend that reads a dense mask
-        dense, causal, window = _dense(spec, bias, q, k)
+        dense, causal, window = _dense(spec, dense_bias(bias, q.shape[-2], k.shape[-2], q.device), q, k)
     if need_weights or softcap is not None:
         return F.scaled_dot_product_attention(
             q, k, v, mask=dense, causal=causal, window=window, scale=scale, dropout_p=dropout_p,

@@ -137,6 +137,13 @@ class CacheStep:
             self._mask = cast(Tensor, spec.dense(self.positions.shape[-1], self.keys.shape[2]))  # (B, 1, T, S)
         return self._mask
 
+    def order(self) -> Tensor:
+        """(B, S) long: each row's slots sorted by position (empty slots first; a padding key before a real
+        key of the same position), the permutation :meth:`ordered` applies."""
+        empty = self.key_positions < 0  # (B, S)
+        rank = torch.where(empty, -2, 2 * self.key_positions + (~self.key_padding).long())  # (B, S)
+        return torch.sort(rank, dim=1, stable=True).indices  # (B, S)
+
     def ordered(
         self, keys: Tensor | None = None, values: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -153,8 +160,7 @@ class CacheStep:
         keys = self.keys if keys is None else keys
         values = self.values if values is None else values
         empty = self.key_positions < 0  # (B, S)
-        rank = torch.where(empty, -2, 2 * self.key_positions + (~self.key_padding).long())  # (B, S)
-        order = torch.sort(rank, dim=1, stable=True).indices  # (B, S)
+        order = self.order()  # (B, S)
         index = order[:, None, :, None]  # (B, 1, S, 1)
         keys = keys.gather(2, index.expand(-1, keys.shape[1], -1, keys.shape[3]))  # (B, H_kv, S, d)
         if values is not None:

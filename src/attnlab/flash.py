@@ -130,6 +130,8 @@ class TileMask:
     padding: None or bool (N, T_k) -- True = the key is padding, seen by nobody in that row;
     key_document_ids: None or int64 (N, T_k) -- the keys' ids when they differ from the queries'
         (a block of a longer sequence, as ring attention computes); ``document_ids`` are then the queries'.
+    linear_bias: None or a :class:`LinearBias` -- not a mask but what is added to every allowed score
+        (ALiBi), kept here so that it is sliced with the rows; it skips no tile.
     """
 
     causal: bool = False
@@ -138,6 +140,7 @@ class TileMask:
     document_ids: torch.Tensor | None = None
     padding: torch.Tensor | None = None
     key_document_ids: torch.Tensor | None = None
+    linear_bias: LinearBias | None = None
 
     @property
     def key_docs(self) -> torch.Tensor | None:
@@ -181,7 +184,31 @@ class TileMask:
             document_ids=None if self.document_ids is None else self.document_ids[sl],
             padding=None if self.padding is None else self.padding[sl],
             key_document_ids=None if self.key_document_ids is None else self.key_document_ids[sl],
+            linear_bias=None if self.linear_bias is None else self.linear_bias.rows(sl),
         )
+
+
+class LinearBias(NamedTuple):
+    """ALiBi on the kernel rows: ``-slope * |query position - key position|`` added to the scores.
+
+    slopes: (N, G), the slope of each kernel row's G query heads, already times ``-log2(e)`` (the kernel's
+    scores are in base-2 units); query_positions (N, T_q) and key_positions (N, T_k), long.
+    """
+
+    slopes: torch.Tensor
+    query_positions: torch.Tensor
+    key_positions: torch.Tensor
+
+    def rows(self, sl: slice) -> LinearBias:
+        return LinearBias(self.slopes[sl], self.query_positions[sl], self.key_positions[sl])
+
+    def tile(self, q_start: int, q_end: int, k_start: int, k_end: int) -> torch.Tensor:
+        """The bias of one tile, (N, bq * G, bk), rows interleaved as the kernel's (row t * G + g)."""
+        q = self.query_positions[:, q_start:q_end, None]  # (N, bq, 1)
+        k = self.key_positions[:, None, k_start:k_end]  # (N, 1, bk)
+        distance = (q - k).abs().to(self.slopes.dtype)  # (N, bq, bk)
+        bias = distance[:, :, None, :] * self.slopes[:, None, :, None]  # (N, bq, G, bk)
+        return bias.reshape(bias.shape[0], -1, bias.shape[-1])  # (N, bq * G, bk)
 
 
 class Tile(NamedTuple):
@@ -327,7 +354,17 @@ class _Biases:
         self.shared = mask.document_ids is None and mask.padding is None and mask.key_document_ids is None
         self.cache: dict[tuple[int, int, int], torch.Tensor] = {}
 
-    def __call__(self, q_start: int, q_end: int, k_start: int, k_end: int) -> torch.Tensor:
+    def __call__(self, q_start: int, q_end: int, k_start: int, k_end: int,
+                 needs_mask: bool = True) -> torch.Tensor | None:
+        """The tile's additive bias: its mask (partial tiles) plus the linear bias (every tile); None for
+        a full tile without one."""
+        masked = self.masked(q_start, q_end, k_start, k_end) if needs_mask else None
+        if self.mask.linear_bias is None:
+            return masked
+        linear = self.mask.linear_bias.tile(q_start, q_end, k_start, k_end)  # (N, bq * G, bk)
+        return linear if masked is None else linear + masked  # (N, bq * G, bk)
+
+    def masked(self, q_start: int, q_end: int, k_start: int, k_end: int) -> torch.Tensor:
         if not self.shared:
             return _tile_bias(self.mask, q_start, q_end, k_start, k_end, self.group, self.dtype, self.device)
         key = (k_start - q_start, q_end - q_start, k_end - k_start)
@@ -417,7 +454,7 @@ def _flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Tile
         for k_start, k_end, needs_mask in key_blocks:
             if count:
                 _count("forward", 1)
-            bias = biases(q_start, q_end, k_start, k_end) if needs_mask else None
+            bias = biases(q_start, q_end, k_start, k_end, needs_mask)
             s = _scores(q_blk, k_t[:, :, k_start:k_end], bias)  # (N, rows, bk)
             # New running max.  A row that has seen only masked keys would have m = -inf, and
             # -inf - (-inf) = NaN; clamping to the lowest finite number keeps exp2(-inf - m) = 0.
@@ -469,7 +506,7 @@ def _flash_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         for k_start, k_end, needs_mask in key_blocks:
             if count:
                 _count("backward", 1)
-            bias = biases(q_start, q_end, k_start, k_end) if needs_mask else None
+            bias = biases(q_start, q_end, k_start, k_end, needs_mask)
             s = _scores(q_blk, k_t[:, :, k_start:k_end], bias)  # (N, rows, bk)
             p = s.sub_(lse_blk).exp2_()  # (N, rows, bk)   the forward's normalised probabilities
             dp = torch.bmm(do_blk, v_t[:, :, k_start:k_end])  # (N, rows, bk)   dP = dO V^T
@@ -559,10 +596,22 @@ def _from_rows(x: torch.Tensor, b: int, h: int, t: int) -> torch.Tensor:
     return x.reshape(b, h, t, f)  # (B, H, T, f)
 
 
+_Alibi = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # slopes (H,), q positions (B, T_q), k (B, T_k)
+
+
+def _alibi(slopes: torch.Tensor | None, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None) -> _Alibi:
+    """The operator's three optional ALiBi tensors as one (or None)."""
+    if slopes is None or q_pos is None or k_pos is None:
+        return None
+    return slopes, q_pos, k_pos
+
+
 def _kernel_mask(padding: torch.Tensor | None, document_ids: _KernelDocs, causal: bool,
-                 window: int | None, t_q: int, t_k: int, h_kv: int) -> TileMask:
+                 window: int | None, t_q: int, t_k: int, h_kv: int, alibi: _Alibi = None,
+                 cdtype: torch.dtype = torch.float32) -> TileMask:
     """The TileMask of the kernel rows from the operator's padding (B, H_kv, T_k) and documents: (B, T), or
-    a pair ((B, T_q), (B, T_k)) of the queries' and the keys' ids (a block of a longer sequence)."""
+    a pair ((B, T_q), (B, T_k)) of the queries' and the keys' ids (a block of a longer sequence); with
+    ``alibi`` = (slopes (H,), query positions (B, T_q), key positions (B, T_k)), its linear bias."""
     pad = None
     if padding is not None and bool(padding.any()):
         pad = padding.reshape(-1, t_k).contiguous()  # (N, T_k)
@@ -572,13 +621,20 @@ def _kernel_mask(padding: torch.Tensor | None, document_ids: _KernelDocs, causal
         key_docs = document_ids[1].long().repeat_interleave(h_kv, dim=0).contiguous()  # (N, T_k)
     elif document_ids is not None:
         docs = document_ids.long().repeat_interleave(h_kv, dim=0).contiguous()  # (N, T)
+    linear = None
+    if alibi is not None:
+        slopes, q_pos, k_pos = alibi
+        b = q_pos.shape[0]
+        rows = slopes.double().reshape(h_kv, -1).repeat(b, 1) * -_LOG2E  # (N, G): row n = (b, kv head), G heads
+        linear = LinearBias(rows.to(cdtype), q_pos.repeat_interleave(h_kv, dim=0),  # (N, G), (N, T_q)
+                            k_pos.repeat_interleave(h_kv, dim=0))  # (N, T_k)
     return TileMask(causal=causal, window=window, offset=t_k - t_q, document_ids=docs, padding=pad,
-                    key_document_ids=key_docs)
+                    key_document_ids=key_docs, linear_bias=linear)
 
 
 def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None,
                   document_ids: _KernelDocs, seed: torch.Tensor | None, causal: bool, window: int | None,
-                  scale: float, dropout_p: float, block_q: int, block_k: int,
+                  scale: float, dropout_p: float, block_q: int, block_k: int, alibi: _Alibi = None,
                   count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, T_q, d), k (B, H_kv, T_k, d), v (B, H_kv, T_k, d_v) -> out (B, H, T_q, d_v) and the
     natural-log lse (B, H, T_q), both in the compute dtype."""
@@ -591,7 +647,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: to
         qr = _to_rows(q, h_kv, cdtype)  # (N, R, d)
         kr = k.reshape(b * h_kv, t_k, -1).to(cdtype).contiguous()  # (N, T_k, d)
         vr = v.reshape(b * h_kv, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)
-        mask = _kernel_mask(padding, document_ids, causal, window, t_q, t_k, h_kv)
+        mask = _kernel_mask(padding, document_ids, causal, window, t_q, t_k, h_kv, alibi, cdtype)
         plan = _Plan(_plan(mask, t_q, t_k, block_q, block_k), h // h_kv, scale, dropout_p,
                      int(seed.item()) if seed is not None else 0, block_q, block_k)
         out = qr.new_empty(b * h_kv, qr.shape[1], d_v)  # (N, R, d_v)
@@ -608,7 +664,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: to
 def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    out: torch.Tensor, lse: torch.Tensor, padding: torch.Tensor | None, document_ids: _KernelDocs,
                    seed: torch.Tensor | None, causal: bool, window: int | None, scale: float, dropout_p: float,
-                   block_q: int, block_k: int,
+                   block_q: int, block_k: int, alibi: _Alibi = None,
                    count: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients (dq, dk, dv) in the compute dtype, shapes of q, k, v; ``lse`` natural-log (B, H, T_q)."""
     b, h, t_q, d = q.shape
@@ -624,7 +680,7 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         lse2 = _to_rows(lse.unsqueeze(-1), h_kv, cdtype).squeeze(-1) * _LOG2E  # (N, R)
         kr = k.reshape(b * h_kv, t_k, d).to(cdtype).contiguous()  # (N, T_k, d)
         vr = v.reshape(b * h_kv, t_k, d_v).to(cdtype).contiguous()  # (N, T_k, d_v)
-        mask = _kernel_mask(padding, document_ids, causal, window, t_q, t_k, h_kv)
+        mask = _kernel_mask(padding, document_ids, causal, window, t_q, t_k, h_kv, alibi, cdtype)
         plan = _Plan(_plan(mask, t_q, t_k, block_q, block_k), h // h_kv, scale, dropout_p,
                      int(seed.item()) if seed is not None else 0, block_q, block_k)
         dq, dk, dv = torch.empty_like(qr), torch.empty_like(kr), torch.empty_like(vr)  # (N, R, d), ..
@@ -645,10 +701,12 @@ def _backward_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 @torch.library.custom_op("attnlab::flash_attention", mutates_args=())
 def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None,
               document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, window: int | None,
-              scale: float, dropout_p: float, block_q: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+              scale: float, dropout_p: float, block_q: int, block_k: int,
+              alibi_slopes: torch.Tensor | None = None, alibi_q_positions: torch.Tensor | None = None,
+              alibi_k_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """out (B, H, T_q, d_v) in q's dtype, lse (B, H, T_q) natural-log in the compute dtype."""
     out, lse = _forward_impl(q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p,
-                             block_q, block_k)
+                             block_q, block_k, _alibi(alibi_slopes, alibi_q_positions, alibi_k_positions))
     return out.to(q.dtype).contiguous(), lse.contiguous()
 
 
@@ -656,7 +714,9 @@ def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.
 def _flash_op_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding: torch.Tensor | None,
                    document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool, window: int | None,
                    scale: float, dropout_p: float, block_q: int,
-                   block_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   block_k: int, alibi_slopes: torch.Tensor | None = None,
+                   alibi_q_positions: torch.Tensor | None = None,
+                   alibi_k_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, t_q, _ = q.shape
     out = q.new_empty(b, h, t_q, v.shape[3])  # (B, H, T_q, d_v)
     return out, q.new_empty((b, h, t_q), dtype=compute_dtype(q.dtype))  # (B, H, T_q)
@@ -667,10 +727,13 @@ def _flash_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, padding: torch.Tensor | None,
                        document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool,
                        window: int | None, scale: float, dropout_p: float, block_q: int,
-                       block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       block_k: int, alibi_slopes: torch.Tensor | None = None,
+                       alibi_q_positions: torch.Tensor | None = None,
+                       alibi_k_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) in the dtypes of q, k, v."""
     dq, dk, dv = _backward_impl(grad_out, q, k, v, out, lse, padding, document_ids, seed, causal, window,
-                                scale, dropout_p, block_q, block_k)
+                                scale, dropout_p, block_q, block_k,
+                                _alibi(alibi_slopes, alibi_q_positions, alibi_k_positions))
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
@@ -679,25 +742,29 @@ def _flash_backward_op_fake(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             out: torch.Tensor, lse: torch.Tensor, padding: torch.Tensor | None,
                             document_ids: torch.Tensor | None, seed: torch.Tensor | None, causal: bool,
                             window: int | None, scale: float, dropout_p: float, block_q: int,
-                            block_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            block_k: int, alibi_slopes: torch.Tensor | None = None,
+                            alibi_q_positions: torch.Tensor | None = None,
+                            alibi_k_positions: torch.Tensor | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # contiguous, as the real implementation returns them (not empty_like: q may be a strided view)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
-    q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k = inputs
+    q, k, v, padding, document_ids, seed, causal, window, scale, dropout_p, block_q, block_k, *alibi = inputs
+    alibi = (alibi + [None, None, None])[:3]  # slopes, query positions, key positions (absent: None)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, padding, document_ids, seed)
+    ctx.save_for_backward(q, k, v, out, lse, padding, document_ids, seed, *alibi)
     ctx.args = (causal, window, scale, dropout_p, block_q, block_k)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx: Any, grad_out: torch.Tensor,
               grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    q, k, v, out, lse, padding, document_ids, seed = ctx.saved_tensors
+    q, k, v, out, lse, padding, document_ids, seed, slopes, q_pos, k_pos = ctx.saved_tensors
     dq, dk, dv = _flash_backward_op(grad_out.contiguous(), q, k, v, out, lse, padding, document_ids, seed,
-                                    *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                    *ctx.args, slopes, q_pos, k_pos)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _flash_op.register_autograd(_backward, setup_context=_setup_context)
@@ -741,9 +808,45 @@ def _autocast(q: torch.Tensor, k: torch.Tensor,
     return q, k, v
 
 
+def _prepare_alibi(slopes: object, positions: object, x: _Inputs, q: torch.Tensor) -> _Alibi:
+    """``alibi_slopes`` (H,) and ``alibi_positions`` checked, as the operator's slopes (H,) and
+    positions (B, T_q), (B, T_k) long (default: bottom-right by index, ``i + T_k - T_q`` and ``j``)."""
+    if slopes is None:
+        if positions is not None:
+            raise AttnlabInputError("alibi_positions are the positions of alibi_slopes' bias: give alibi_slopes too")
+        return None
+    b, h, t_q = x.q.shape[:3]
+    t_k = x.k.shape[2]
+    if q.dim() != 4:
+        raise AttnlabInputError(f"alibi_slopes need q of shape (batch, heads, num_queries, d), got {tuple(q.shape)}")
+    if not isinstance(slopes, torch.Tensor) or not slopes.is_floating_point():
+        raise AttnlabInputTypeError(f"alibi_slopes must be a float tensor (one slope per query head), got "
+                                    f"{getattr(slopes, 'dtype', type(slopes).__name__)}")
+    if tuple(slopes.shape) != (h,) or slopes.device != q.device:
+        raise AttnlabInputError(f"alibi_slopes must have shape ({h},) (one per query head) on {q.device}, got "
+                                f"{tuple(slopes.shape)} on {slopes.device}")
+    if positions is None:
+        q_pos = torch.arange(t_q, device=q.device) + (t_k - t_q)  # (T_q,): bottom-right, as the causal mask
+        k_pos = torch.arange(t_k, device=q.device)  # (T_k,)
+    elif isinstance(positions, tuple) and len(positions) == 2:
+        q_pos, k_pos = positions
+    else:
+        raise AttnlabInputTypeError("alibi_positions must be None or a pair (query positions, key positions), got "
+                                    f"{type(positions).__name__}")
+    out = []
+    for name, pos, t in (("query positions", q_pos, t_q), ("key positions", k_pos, t_k)):
+        _check_document_ids(f"alibi_positions' {name}", pos, q.device)  # integer ids on q's device
+        if tuple(pos.shape) not in ((t,), (1, t), (b, t)):
+            raise AttnlabInputError(f"alibi_positions' {name} must have shape ({t},) or ({b}, {t}), got "
+                                    f"{tuple(pos.shape)}")
+        lead = 1 if pos.dim() == 1 else pos.shape[0]
+        out.append(pos.long().reshape(lead, t).expand(b, t).contiguous())  # (B, T)
+    return slopes.contiguous(), out[0], out[1]
+
+
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None,
              document_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None, scale: float | None,
-             broadcast: bool = True) -> _Inputs:
+             broadcast: bool = True, may_fold: bool = True) -> _Inputs:
     """Check the inputs and bring them to the operator's layout (views where possible; a K/V of batch 1
     against a larger query batch is folded into the query rows instead of being copied per batch row)."""
     _check_tensor("q", q)
@@ -821,7 +924,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
     doc_per_batch = document_ids is not None and document_ids.dim() == 2 and document_ids.shape[0] > 1
     q4 = qc.expand(batch + tuple(qc.shape[-3:])).reshape(b, h, t_q, q.shape[-1])  # (B, H, T_q, d)
     fold = None
-    if b > 1 and math.prod(bk) == 1 and math.prod(bv) == 1 and not pad_per_batch and not doc_per_batch:
+    if may_fold and b > 1 and math.prod(bk) == 1 and math.prod(bv) == 1 and not pad_per_batch and not doc_per_batch:
         # K/V shared by every batch row: stack the B batch rows as more rows of each key/value head's tiles
         # (like the G query heads of a group), so K/V are read once and never copied per batch row.
         g = h // hk
@@ -929,6 +1032,8 @@ def flash_attention(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
     return_lse: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    alibi_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact scaled dot-product attention, computed in tiles without the ``T_q x T_k`` matrix.
 
@@ -960,6 +1065,12 @@ def flash_attention(
         return_lse: also return the log-sum-exp of each query row (FlashAttention's convention:
             natural log, shape (..., H, T_q), float32 for float16/bfloat16/float32 inputs and float64 for
             float64; ``-inf`` for a row with no allowed key).  It carries no gradient.
+        alibi_slopes: None or float (H,): ALiBi, ``-slope_h * |i' - j'|`` added to every score of head ``h``
+            (FlashAttention-2's ``alibi_slopes``), computed per tile (no ``T_q x T_k`` bias); needs q of
+            shape (B, H, T_q, d).
+        alibi_positions: None, or ``(query positions, key positions)``, integer (T_q,) / (B, T_q) and
+            (T_k,) / (B, T_k): the ``i'`` and ``j'`` of the bias (a cache's slots); default bottom-right by
+            index, ``i' = i + T_k - T_q`` and ``j' = j``.
 
     Returns:
         (..., H, T_q, d_v), dtype of ``q`` (the autocast dtype under ``torch.autocast``), the broadcast of
@@ -970,7 +1081,8 @@ def flash_attention(
         mask hides from it (the mask is added to the tile's scores, and -inf + NaN is NaN).
     """
     x = _prepare(q, k, v, causal=causal, window=window, document_ids=document_ids,
-                 key_padding_mask=key_padding_mask, scale=scale)
+                 key_padding_mask=key_padding_mask, scale=scale, may_fold=alibi_slopes is None)
+    alibi = _prepare_alibi(alibi_slopes, alibi_positions, x, q)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise AttnlabInputTypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} ({dropout_p!r})")
     if not 0.0 <= dropout_p < 1.0:
@@ -992,7 +1104,8 @@ def flash_attention(
     if not isinstance(return_lse, bool):
         raise AttnlabInputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__} ({return_lse!r})")
     out, lse = _flash_op(x.q, x.k, x.v, x.padding, x.document_ids, seed_t, x.causal, x.window, x.scale,
-                         float(dropout_p), int(block_q), int(block_k))  # (B, H, T_q, d_v), (B, H, T_q)
+                         float(dropout_p), int(block_q), int(block_k),
+                         *(alibi or (None, None, None)))  # (B, H, T_q, d_v), (B, H, T_q)
     out = _unfold(out, x.fold).reshape(*x.lead, out.shape[-2], out.shape[-1])  # (..., H, T_q, d_v)
     if not return_lse:
         return out

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from attnlab import backends
 from attnlab import functional as F
+from attnlab.alibi import ALiBiBias
 from attnlab.cache import CacheStep, KVCache, RollingKVCache, step_spec
 from attnlab.errors import AttnlabInputError, AttnlabInputTypeError
 from attnlab.masks import MaskSpec, flags_spec
@@ -636,7 +637,7 @@ def token_positions(
 
 
 def attend(
-    queries: Tensor, keys: Tensor, values: Tensor, mask: MaskSpec, *, bias: Tensor | None = None,
+    queries: Tensor, keys: Tensor, values: Tensor, mask: MaskSpec, *, bias: backends.ScoreBias | None = None,
     positions: Tensor | None = None, scheme: object | None = None, cache: KVCache | RollingKVCache | None = None,
     position_ids: Tensor | None = None, context_parallel: object | None = None, dropout_p: float = 0.0,
     training: bool = False, backend: str = "auto", need_weights: bool = False,
@@ -662,15 +663,13 @@ def attend(
         step = cache.update(keys, values, mask.key_padding, window=mask.window, positions=position_ids,
                             attn_mask=mask.allowed, trim=not need_weights)
         if score_bias is not None:
-            positional = score_bias(step.positions, step.key_positions)  # (1|B, H, T, S)
-            bias = positional if bias is None else bias + positional
+            bias = _add(bias, score_bias(step.positions, step.key_positions), queries, step.keys)  # (1|B, H, T, S)
         return _as_pair(attend_cached(queries, step, window=mask.window, dropout_p=dropout_p, training=training,
                                       backend=backend, need_weights=need_weights, bias=bias))
     if score_bias is not None:
         if positions is None:
             positions = torch.arange(queries.shape[-2], device=queries.device)  # (T,)
-        positional = score_bias(positions, positions)  # (1|B, H, T, T): self-attention
-        bias = positional if bias is None else bias + positional
+        bias = _add(bias, score_bias(positions, positions), queries, keys)  # (1|B, H, T, T): self-attention
     if bias is None and not mask.has_tensors:  # causal / window alone: the flags they are
         return _as_pair(backends.attention(queries, keys, values, causal=mask.causal, window=mask.window,
                                            dropout_p=dropout_p, training=training, backend=backend,
@@ -679,13 +678,23 @@ def attend(
                                        training=training, backend=backend, need_weights=need_weights))
 
 
-def _check_context_parallel_call(mask: MaskSpec, bias: Tensor | None, score_bias: object) -> None:
+def _check_context_parallel_call(mask: MaskSpec, bias: object, score_bias: object) -> None:
     """The context-parallel protocol carries causal and key padding only: refuse a call that has more."""
     extra = [name for name in ("window", "query_positions", "document_ids", "allowed") if getattr(mask, name) is not None]
     extra += ["a score bias"] if bias is not None or score_bias is not None else []
     if extra:
         raise AttnlabInputError(f"context_parallel takes causal and key padding only; this call also has "
                                 f"{', '.join(extra)}, which the ranks do not share")
+
+
+def _add(bias: backends.ScoreBias | None, positional: backends.ScoreBias, queries: Tensor,
+         keys: Tensor) -> backends.ScoreBias:
+    """A given bias plus a scheme's (a description stays one when it is alone)."""
+    if bias is None:
+        return positional
+    t_q, t_k = queries.shape[-2], keys.shape[-2]
+    return cast(Tensor, backends.dense_bias(bias, t_q, t_k, queries.device)) + cast(
+        Tensor, backends.dense_bias(positional, t_q, t_k, queries.device))  # (1|B, H, T, T_k)
 
 
 def _as_pair(result: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -703,11 +712,11 @@ def attend_cached(
     training: bool,
     backend: str,
     need_weights: bool,
-    bias: Tensor | None = None,
+    bias: backends.ScoreBias | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The new queries (B, H, T, hd) against a cache step (keys/values default to the step's; a latent
     cache passes its up-projected ones, laid out over the same slots), with the step's mask description
-    (``step.spec``) and an optional score ``bias`` (1|B, H, T, S). A trimmed step (``step.prefix``: the
+    (``step.spec``) and an optional score ``bias`` (1|B, H, T, S), or ALiBi's description. A trimmed step (``step.prefix``: the
     filled slots in position order, no padding) is ``causal`` (bottom-right) among the new tokens, nothing
     for one new token, on any backend. For ``"flash"``, which aligns causal/window by index, the slots are
     put in position order first (:meth:`CacheStep.ordered`)."""
@@ -727,6 +736,8 @@ def attend_cached(
     if backend == "flash":
         keys, ordered_values, padding = step.ordered(keys, values)  # (B, H_kv, S, d), (B, H_kv, S, d_v), (B, S)
         values, spec = cast(Tensor, ordered_values), MaskSpec(causal=True, window=window, key_padding=padding)
+        if isinstance(bias, ALiBiBias):  # its key positions follow the keys into position order
+            bias = bias.reorder_keys(step.order())
     return backends.attention(queries, keys, values, mask=spec, bias=bias, dropout_p=dropout_p, training=training,
                               backend=backend, need_weights=need_weights)
 
@@ -736,7 +747,9 @@ def _check_scheme(scheme: object, backend: str, context_parallel: object | None)
     parallelism (whose ranks exchange no bias)."""
     if score_bias_of(scheme) is None:
         return
-    if not backends.takes(backend).general_masks:
+    takes = backends.takes(backend)
+    linear = getattr(type(scheme), "score_bias_form", "dense") == "linear"  # ALiBi: slopes of a distance
+    if not (takes.general_masks or (linear and takes.linear_bias)):
         raise AttnlabInputError(f"a positional scheme with a score bias ({type(scheme).__name__}) needs a backend that "
                                 f"reads a float mask; backend={backend!r} takes none: use 'auto', 'torch' or 'eager' "
                                 "(attnlab.backends.TAKES lists what each backend takes)")

@@ -22,12 +22,13 @@ positions; with ``document_ids``, from 0 in each document). Any callable (or ``n
 positional scheme (:class:`PositionalEncoding`); :class:`RotaryEmbedding` is the built-in one.
 
 A scheme may also bias the scores: when it has a method
-``score_bias(query_positions, key_positions) -> Tensor`` (float, broadcastable to (B, H, T_q, T_k)),
-the module adds it to every score (the positions of the keys as attended: with a cache, the cached
-tokens' ones). :class:`attnlab.alibi.ALiBi` is one (it rotates nothing). Schemes by name,
+``score_bias(query_positions, key_positions)`` returning a float tensor broadcastable to (B, H, T_q, T_k)
+(or a description with ``dense(t_q, t_k, device=)``, as :class:`attnlab.alibi.ALiBiBias`), the module adds
+it to every score (the positions of the keys as attended: with a cache, the cached tokens' ones).
+:class:`attnlab.alibi.ALiBi` is one (it rotates nothing). Schemes by name,
 ``MultiHeadAttention(rope="alibi")``, come from :data:`SCHEMES` (:func:`register_scheme` adds one);
-``rope=True`` is ``rope="rope"``. A scheme with a score bias needs a backend that reads a float mask
-(not ``"flash"``) and no context parallelism.
+``rope=True`` is ``rope="rope"``. A dense score bias needs a backend that reads a float mask; ALiBi's
+also runs on ``"flash"`` (per tile). Context parallelism takes no score bias.
 
 Shape letters: B batch, H query heads, H_kv key/value heads, T tokens, hd head_dim.
 """
