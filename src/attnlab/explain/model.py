@@ -321,7 +321,9 @@ def _explain_dir(text: object, model: str, layer: int | None, head: int, query: 
         truncated=hs.truncated, max_tokens=hf_model.max_tokens, directory=str(hf_model.path), causal=causal,
         kv_head=hs.kv_head + 1, num_kv_heads=hs.num_kv_heads, scaling=hs.scaling,
     )
-    _add_dir_details(walk, hs)
+    _add_details(walk, rotary=hs.rotary, weights_note=(
+        f"the model's own weights of head {walk.head} (recorded through attnlab's attention) differ by at most "
+        f"{walk.step(f'{SECTION}.weights').extra['max_abs_diff_to_model']:.1e}"))
     return walk
 
 
@@ -465,8 +467,9 @@ def _dir_steps(hs: Any, labels: tuple[str, ...], layer: int, head: int, name: st
     return out
 
 
-def _add_dir_details(walk: ModelWalkthrough, hs: Any) -> None:
-    """Detail lines of a local model's walkthrough, written from the recorded numbers."""
+def _add_details(walk: ModelWalkthrough, *, rotary: bool = False, weights_note: str | None = None) -> None:
+    """Detail lines under the tables, written from the recorded numbers (``rotary``: the queries and keys
+    were rotated after their projection; ``weights_note``: a last line under the weights)."""
     qi, q, p, sec = walk.query, walk.query_label, 4, SECTION
 
     def det(name: str, lines: list[str]) -> None:
@@ -478,22 +481,20 @@ def _add_dir_details(walk: ModelWalkthrough, hs: Any) -> None:
     for wname in ("W_query", "W_key", "W_value"):
         bias = walk.step(f"{sec}.{wname}").extra["bias"]
         det(wname, [f"b_{wname[2:]} = {_short(bias, p)}" if bias is not None else "this layer has no bias"])
-    linear = ["values", *(("queries_projected", "keys_projected") if hs.rotary else ("queries", "keys"))]
+    linear = ["values", *(("queries_projected", "keys_projected") if rotary else ("queries", "keys"))]
     for name_ in linear:
         det(name_, linear_row(walk, walk.step(f"{sec}.{name_}"), qi, p, _short))
-    if hs.rotary:
+    if rotary:
         for name_ in ("queries", "keys"):
             step = walk.step(f"{sec}.{name_}")
             det(name_, [(f"{cells.row_name(walk, step, (qi,))} = {_short(step.values[qi], p)} "
                          f"(rotated by position {qi}, counted from 0)")])
     det("scores", walk.explain_cell(f"{sec}.scores", (qi, qi), p))
-    w = walk.step(f"{sec}.weights")
-    row = w.values[qi]
+    row = walk.step(f"{sec}.weights").values[qi]
     top = np.argsort(-row, kind="stable")[:3]
     det("weights", [f"row {q}: sum {fmt(float(row.sum()), p, integral=False)}; largest: "
                     + ", ".join(f"{walk.labels[j]} {fmt(float(row[j]), p)}" for j in top),
-                    (f"the model's own weights of head {walk.head} (recorded through attnlab's attention) "
-                     f"differ by at most {w.extra['max_abs_diff_to_model']:.1e}")])
+                    *([weights_note] if weights_note is not None else [])])
     det("context", [walk.explain_cell(f"{sec}.context", (qi, 0), p)[0]])
     hw = walk.step(f"{sec}.head_weights")
     n = hw.values.shape[0]
@@ -638,34 +639,3 @@ def _layer_weights_step(maps: Any, name: str, labels: Any, inside: str) -> Step:
         symbol="weight", query_axis=2,
         how=How("module", params={"module": f"{name} ({n_layers} layers of {n_heads} heads)"}),
     )
-
-
-def _add_details(walk: ModelWalkthrough) -> None:
-    """Detail lines under the tables, written from the recorded numbers."""
-    qi, q, p = walk.query, walk.query_label, 4
-    sec = SECTION
-
-    def det(name: str, lines: list[str]) -> None:
-        walk.step(f"{sec}.{name}").detail = tuple(lines)
-
-    x = walk.step(f"{sec}.x")
-    det("x", [f"x_{q} = {_short(x.values[qi], p)}",
-              f"{x.values.shape[1]} numbers per token: tables show the first ones, json has them all"])
-    for wname in ("W_query", "W_key", "W_value"):
-        w = walk.step(f"{sec}.{wname}")
-        det(wname, [f"b_{wname[2:]} = {_short(w.extra['bias'], p)}"])
-    for name_ in ("queries", "keys", "values"):
-        det(name_, linear_row(walk, walk.step(f"{sec}.{name_}"), qi, p, _short))
-    det("scores", walk.explain_cell(f"{sec}.scores", (qi, qi), p))
-    w = walk.step(f"{sec}.weights")
-    row = w.values[qi]
-    top = np.argsort(-row, kind="stable")[:3]
-    det("weights", [f"row {q}: sum {fmt(float(row.sum()), p, integral=False)}; largest: "
-                    + ", ".join(f"{walk.labels[j]} {fmt(float(row[j]), p)}" for j in top)])
-    det("context", [walk.explain_cell(f"{sec}.context", (qi, 0), p)[0]])
-    hw = walk.step(f"{sec}.head_weights")
-    n = hw.values.shape[0]
-    most = [(h, int(np.argmax(hw.values[h, qi]))) for h in range(n)]
-    det("head_weights", [f"{q} attends most to: " + ", ".join(
-        f"head {h + 1} {walk.labels[j]} ({fmt(float(hw.values[h, qi, j]), 2)})" for h, j in most),
-        f"tables show the first heads; --format json (and the report) have all {n}"])
