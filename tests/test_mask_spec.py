@@ -161,3 +161,21 @@ def test_a_plain_layer_compiles_without_warnings():
         got = torch.compile(m, backend="eager", fullgraph=True)(x)
     assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
     assert_close(got, m(x), n=5 + 8)
+
+
+def test_context_parallel_takes_the_description_parts_it_can_shard():
+    from attnlab.distributed.context_parallel import _sharded_parts
+
+    pad = torch.tensor([[False, True, False]])
+    docs = torch.tensor([[0, 0, 1]])
+    causal, kpm, ids = _sharded_parts(MaskSpec(causal=True, key_padding=pad, document_ids=docs), False, None, None)
+    assert causal is True and kpm is pad and ids is docs  # the spec's own tensors, handed on
+    other = torch.tensor([[True, False, False]])
+    causal, kpm, ids = _sharded_parts(MaskSpec(key_padding=pad), True, other, None)  # AND with the keywords
+    assert causal is True and torch.equal(kpm, pad | other) and ids is None  # exact: booleans
+    for spec in (MaskSpec(window=2), MaskSpec(allowed=torch.ones(3, 3, dtype=torch.bool)),
+                 MaskSpec(causal=True, query_positions=torch.arange(3), key_positions=torch.arange(3))):
+        with pytest.raises(ValueError, match="have no sharded form here"):
+            _sharded_parts(spec, False, None, None)
+    with pytest.raises(TypeError, match="mask must be an attnlab.masks.MaskSpec or None"):
+        _sharded_parts(torch.ones(3), False, None, None)  # type: ignore[arg-type]

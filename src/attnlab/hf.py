@@ -283,10 +283,7 @@ def _spec_of(module: torch.nn.Module, attention_mask: AttentionMask | Tensor | N
     """The call's mask as attnlab's description, or HF's dense mask (bool or additive float, cut to the keys)
     when the mask builder could not describe it: ``(spec, dense)``."""
     if isinstance(attention_mask, AttentionMask):
-        if (query.shape[-2] == 1 and attention_mask.document_ids is None and attention_mask.key_padding is None
-                and (attention_mask.window is None or key.shape[-2] <= attention_mask.window)):
-            return _UNMASKED, None  # a decoding step's one query, aligned with the last key: it sees every key
-        spec = attention_mask.spec
+        spec = attention_mask.spec  # built once per mask object: every layer of a forward shares it
     elif attention_mask is None:
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
         spec = MaskSpec(causal=causal, window=sliding_window if causal else None)
